@@ -1,0 +1,3 @@
+"""vlmkit: build, train, evaluate and stress-test vision-language models."""
+
+__version__ = "0.1.0"
