@@ -1,0 +1,98 @@
+"""Numerical parity with the transformers reference implementations on tiny random configs."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from vlmkit.models.hub import (  # noqa: E402
+    WeightMappingError,
+    lm_config_from_hf,
+    lm_state_dict_from_hf,
+    load_into,
+    rename_keys,
+    vision_config_from_hf,
+    vision_state_dict_from_hf,
+)
+from vlmkit.models.language import LanguageModel  # noqa: E402
+from vlmkit.models.vision import ViT  # noqa: E402
+
+TOL = 1e-5
+
+
+def _lm_pair(family: str, tie: bool):
+    torch.manual_seed(0)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    hf_cfg = cfg_cls(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     rope_theta=5000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
+    ref = model_cls(hf_cfg).eval()
+    # Random (non-zero) biases and norms, so a mapping mistake cannot hide behind initial values.
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.5 if "norm" in name else 0.0, 0.1)
+    ours = LanguageModel(lm_config_from_hf(hf_cfg.to_dict())).eval()
+    load_into(ours, lm_state_dict_from_hf(ref.state_dict()))
+    return ref, ours
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_logits_match_transformers(family, tie):
+    ref, ours = _lm_pair(family, tie)
+    assert ours.config.qkv_bias == (family == "qwen2")
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids).logits
+    assert (expected - got).abs().max().item() <= TOL
+
+
+def test_lm_kv_cache_decode_matches_transformers_full_pass():
+    ref, ours = _lm_pair("llama", tie=False)
+    ids = torch.randint(0, 101, (2, 12))
+    cache = ours.new_cache(2, 12)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        steps = [ours(ids[:, :8], cache=cache).logits] + [ours(ids[:, i : i + 1], cache=cache).logits for i in
+                                                          range(8, 12)]
+    assert (expected - torch.cat(steps, dim=1)).abs().max().item() <= TOL
+
+
+def test_vit_penultimate_hidden_states_match_clip():
+    torch.manual_seed(0)
+    hf_cfg = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=32, patch_size=8)
+    ref = transformers.CLIPVisionModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
+    ours = ViT(vision_config_from_hf(hf_cfg.to_dict())).eval()
+    load_into(ours, vision_state_dict_from_hf(ref.state_dict()))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = ref(pixels, output_hidden_states=True)
+        states = ours.hidden_states(pixels)
+        features = ours(pixels)  # select_layer -2, CLS dropped: what LLaVA feeds its connector
+        pooled = ours.pooled(pixels)
+    assert len(states) == len(out.hidden_states)
+    assert (out.hidden_states[-2] - states[-2]).abs().max().item() <= TOL
+    assert (out.hidden_states[-2][:, 1:] - features).abs().max().item() <= TOL
+    assert (out.pooler_output - pooled).abs().max().item() <= TOL
+
+
+def test_unsupported_and_mismatched_checkpoints_are_explained():
+    with pytest.raises(ValueError, match="unsupported language model_type 'gpt2'; supported: \\['llama', 'qwen2'\\]"):
+        lm_config_from_hf({"model_type": "gpt2"})
+    with pytest.raises(WeightMappingError, match="unexpected weights model.mystery.weight"):
+        rename_keys({"model.mystery.weight": torch.zeros(1)}, [], "ckpt")
+    ref, ours = _lm_pair("llama", tie=False)
+    sd = lm_state_dict_from_hf(ref.state_dict())
+    del sd["layers.0.mlp.up_proj.weight"]
+    with pytest.raises(WeightMappingError, match="missing weights layers.0.mlp.up_proj.weight"):
+        load_into(ours, sd)

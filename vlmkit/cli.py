@@ -1,0 +1,50 @@
+"""`vlmkit <command>`: each command is a module exposing `add_arguments(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vlmkit import __version__
+
+# command name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
+    "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description="Build, train, evaluate and stress-test VLMs.")
+    parser.add_argument("--version", action="version", version=f"vlmkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"vlmkit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vlmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

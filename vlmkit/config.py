@@ -1,0 +1,155 @@
+"""Model configuration: plain dataclasses, built from dicts (YAML/JSON) with strict key checking."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user wrote is wrong; the message names the field."""
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from `data`, recursing into nested dataclasses.
+
+    Unknown keys are an error (a typo must not silently fall back to a default); `where` is the
+    dotted path used in messages, e.g. ``model.vision``.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        sub = _nested_dataclass(cls, name)
+        kwargs[name] = from_dict(sub, value, f"{where}.{name}" if where else name) if sub else value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _nested_dataclass(cls: type, name: str) -> type | None:
+    hint = cls.__annotations__.get(name) if hasattr(cls, "__annotations__") else None
+    if isinstance(hint, str):
+        hint = _DATACLASSES.get(hint)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name}: {value!r} is not one of {list(choices)}")
+
+
+@dataclass
+class VisionConfig:
+    """A ViT. Defaults are a tiny from-scratch tower; loaders fill in CLIP/SigLIP/DINOv2 values."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 192
+    num_layers: int = 6
+    num_heads: int = 3
+    intermediate_size: int = 768
+    activation: str = "gelu"  # quick_gelu (CLIP) | gelu (DINOv2) | gelu_tanh (SigLIP)
+    layer_norm_eps: float = 1e-5
+    use_cls_token: bool = True
+    patch_bias: bool = True  # CLIP's patch conv has no bias
+    pre_layernorm: bool = False  # CLIP normalises the embeddings before the blocks
+    post_layernorm: bool = True  # final norm, used for pooled / last-layer output
+    layerscale: bool = False  # DINOv2 scales each residual branch per channel
+    layerscale_init: float = 1.0
+    select_layer: int = -1  # index into [embeddings, block 1, ..., block N]; -2 = penultimate
+    keep_cls: bool = False  # whether the CLS token is passed on to the connector
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
+            raise ConfigError(f"vision.select_layer {self.select_layer} out of range for {self.num_layers} layers")
+        if self.keep_cls and not self.use_cls_token:
+            raise ConfigError("vision.keep_cls is true but the tower has no CLS token (use_cls_token: false)")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_selected_blocks(self) -> int:
+        """How many blocks must run to produce the selected layer (later ones are skipped)."""
+        return self.select_layer % (self.num_layers + 1)
+
+
+@dataclass
+class LanguageConfig:
+    """A Llama/Qwen2/SmolLM2-family decoder."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    intermediate_size: int = 688
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"lm.num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(f"lm.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"lm.head_dim {self.head_dim} must be even for rotary embeddings")
+
+
+@dataclass
+class ConnectorConfig:
+    """Which connector maps vision patches into the LM's embedding space (see models/connectors.py)."""
+
+    name: str = "mlp2x_gelu"
+    downsample: int = 2  # pixel_shuffle: merge downsample x downsample patches into one token
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LanguageConfig = field(default_factory=LanguageConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    image_token_id: int = 0  # id of the image placeholder token in the tokenizer
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
+        return from_dict(cls, data, where)
+
+
+_DATACLASSES = {
+    "VisionConfig": VisionConfig,
+    "LanguageConfig": LanguageConfig,
+    "ConnectorConfig": ConnectorConfig,
+    "ModelConfig": ModelConfig,
+}

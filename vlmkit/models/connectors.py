@@ -1,0 +1,91 @@
+"""Connectors: map vision features [N, P, Dv] to LM-space image tokens [N, T, Dlm].
+
+Each connector knows how many tokens it emits for a patch grid, so the chat format can expand one
+`<image>` into exactly that many placeholders. Registry keys are the names used in configs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkit.config import ConfigError, ConnectorConfig
+
+
+class Connector(nn.Module):
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens  # CLS-like tokens before the patch grid
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        return self.num_prefix_tokens + grid[0] * grid[1]
+
+
+class Linear(Connector):
+    """LLaVA v1: one linear projection per patch."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0):
+        super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
+        self.proj = nn.Linear(vision_dim, lm_dim)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.proj(features)
+
+
+def mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+class MLP2xGELU(Connector):
+    """LLaVA-1.5: Linear -> GELU -> Linear per patch."""
+
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0):
+        super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
+        self.mlp = mlp2x_gelu(vision_dim, lm_dim)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.mlp(features)
+
+
+class PixelShuffle(Connector):
+    """Space-to-depth: each r x r block of patches becomes one token of r²·Dv channels, then an MLP.
+
+    r² fewer image tokens for the LM (Idefics3 / SmolVLM style), at no loss of information.
+    """
+
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0):
+        super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
+        if num_prefix_tokens:
+            raise ConfigError("connector pixel_shuffle works on the patch grid only: set vision.keep_cls: false")
+        if cfg.downsample < 1:
+            raise ConfigError(f"connector.downsample must be >= 1, got {cfg.downsample}")
+        self.r = cfg.downsample
+        self.mlp = mlp2x_gelu(vision_dim * self.r**2, lm_dim)
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        self._check(grid)
+        return (grid[0] // self.r) * (grid[1] // self.r)
+
+    def _check(self, grid: tuple[int, int]) -> None:
+        if grid[0] % self.r or grid[1] % self.r:
+            raise ValueError(f"pixel_shuffle: patch grid {grid[0]}x{grid[1]} is not divisible by downsample {self.r}")
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        self._check(grid)
+        n, _, d = features.shape
+        (h, w), r = grid, self.r
+        x = features.reshape(n, h // r, r, w // r, r, d).permute(0, 1, 3, 2, 4, 5)
+        return self.mlp(x.reshape(n, (h // r) * (w // r), r * r * d))
+
+
+CONNECTORS: dict[str, type[Connector]] = {
+    "linear": Linear,
+    "mlp2x_gelu": MLP2xGELU,
+    "pixel_shuffle": PixelShuffle,
+}
+
+
+def build_connector(cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0) -> Connector:
+    if cfg.name not in CONNECTORS:
+        raise ConfigError(f"connector.name: unknown connector {cfg.name!r}; choose one of {sorted(CONNECTORS)}")
+    return CONNECTORS[cfg.name](cfg, vision_dim, lm_dim, num_prefix_tokens)

@@ -1,0 +1,223 @@
+"""Decoder-only LM of the Llama / Qwen2 / SmolLM2 family, with a preallocated KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import LanguageConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as the reference implementations do), scale in the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, 1, L, head_dim] for integer positions [B, L]."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, L, head_dim/2]
+        angles = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys/values for every layer, preallocated to `max_length` so decoding never reallocates."""
+
+    def __init__(self, cfg: LanguageConfig, batch_size: int, max_length: int, device, dtype: torch.dtype):
+        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.length = 0  # positions filled so far (advanced once per forward, after the last layer)
+        self.max_length = max_length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache overflow: {end} positions > max_length {self.max_length}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # Without a mask the plain causal kernel applies (training, unpadded prefill).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LanguageConfig, layer_index: int):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_index)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None  # [B, L, V]; None when only the loss was asked for
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None  # final normed hidden states [B, L, D]
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor | None:
+    """Boolean SDPA mask [B, 1, q, k] combining causality with key padding, or None if no padding.
+
+    `attention_mask` is [B, past_length + query_length] with 1 for real tokens. Each query may
+    always see itself, so rows of left padding never become all-masked (which would give NaNs).
+    """
+    total = past_length + query_length
+    if attention_mask is not None and attention_mask.shape[-1] != total:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {total}")
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    device = attention_mask.device
+    q_pos = torch.arange(past_length, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    causal = k_pos <= q_pos  # [q, k]
+    allowed = causal[None] & attention_mask[:, None, :].bool()
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self, batch_size: int, max_length: int, device=None, dtype=None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length, device or weight.device, dtype or weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits: bool = True,
+    ) -> LMOutput:
+        """Run the decoder.
+
+        `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). With `labels` [B, L]
+        (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
+        `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
+        most tokens are image or prompt tokens).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, n, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + n, device=x.device).expand(b, n)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        mask = attention_mask_for(attention_mask, n, past)
+        if mask is None and past > 0 and n > 1:
+            # Chunked prefill on top of a cache needs an explicit causal mask.
+            mask = attention_mask_for(torch.ones(b, past + n, dtype=torch.long, device=x.device), n, past)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += n
+        h = self.norm(x)
+        loss = self.loss(h, labels) if labels is not None else None
+        return LMOutput(logits=self.lm_head(h) if logits else None, loss=loss, hidden_states=h)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose next label is not IGNORE_INDEX."""
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][keep])
+        if logits.shape[0] == 0:
+            return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph valid
+        return F.cross_entropy(logits.float(), targets[keep])

@@ -1,0 +1,150 @@
+"""Vision Transformer with the options CLIP-ViT, SigLIP and DINOv2 checkpoints need."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.config import VisionConfig
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class PatchEmbedding(nn.Module):
+    """Conv patchify + optional CLS token + learned position embeddings (bicubic-resized on demand)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02) if cfg.use_cls_token else None
+        num_positions = cfg.grid_size**2 + (1 if cfg.use_cls_token else 0)
+        self.position_embedding = nn.Parameter(torch.randn(num_positions, cfg.hidden_size) * 0.02)
+        self.base_grid = cfg.grid_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.proj(pixels).flatten(2).transpose(1, 2)  # [B, P, D]
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        pos = self.positions_for(grid)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + pos.to(x.dtype)
+
+    def positions_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid == (self.base_grid, self.base_grid):
+            return self.position_embedding
+        n_prefix = 0 if self.cls_token is None else 1
+        prefix, patches = self.position_embedding[:n_prefix], self.position_embedding[n_prefix:]
+        dim = patches.shape[-1]
+        patches = patches.reshape(1, self.base_grid, self.base_grid, dim).permute(0, 3, 1, 2)
+        # Interpolate in fp32: bicubic resampling in half precision shifts the embeddings.
+        patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+        patches = patches.to(prefix.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
+        return torch.cat([prefix, patches], dim=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each optionally layer-scaled."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.ls1 = LayerScale(cfg.hidden_size, cfg.layerscale_init) if cfg.layerscale else nn.Identity()
+        self.ls2 = LayerScale(cfg.hidden_size, cfg.layerscale_init) if cfg.layerscale else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """Vision Transformer.
+
+    `forward` returns the features a VLM consumes: the hidden state at `select_layer` (index into
+    [embeddings, block 1, ..., block N], as in HF `hidden_states`), without the CLS token unless
+    `keep_cls`. Blocks after the selected layer are not run. `hidden_states` returns all of them.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = PatchEmbedding(cfg)
+        self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.post_layernorm else None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.config.use_cls_token else 0
+
+    def grid_for(self, image_height: int, image_width: int) -> tuple[int, int]:
+        p = self.config.patch_size
+        if image_height % p or image_width % p:
+            raise ValueError(f"image size {image_height}x{image_width} is not a multiple of the patch size {p}")
+        return image_height // p, image_width // p
+
+    def hidden_states(self, pixels: torch.Tensor, num_blocks: int | None = None) -> list[torch.Tensor]:
+        """[embeddings, output of block 1, ..., output of block `num_blocks`] (default: all blocks)."""
+        self.grid_for(pixels.shape[-2], pixels.shape[-1])
+        x = self.embeddings(pixels)
+        if self.pre_layernorm is not None:
+            x = self.pre_layernorm(x)
+        states = [x]
+        for block in self.blocks[: len(self.blocks) if num_blocks is None else num_blocks]:
+            x = block(x)
+            states.append(x)
+        return states
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.hidden_states(pixels, self.config.num_selected_blocks)[-1]
+        return features if self.config.keep_cls else features[:, self.num_prefix_tokens :]
+
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """One vector per image from the last layer (CLS if present, else mean), post-normalised."""
+        last = self.hidden_states(pixels)[-1]
+        pooled = last[:, 0] if self.config.use_cls_token else last.mean(dim=1)
+        return self.post_layernorm(pooled) if self.post_layernorm is not None else pooled

@@ -1,0 +1,192 @@
+"""VisionLanguageModel: ViT -> connector -> image tokens spliced into the LM's input embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlmkit import __version__
+from vlmkit.config import ModelConfig, to_dict
+from vlmkit.io import atomic_directory
+from vlmkit.models.connectors import build_connector
+from vlmkit.models.language import LanguageModel, LMOutput
+from vlmkit.models.vision import ViT
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ImagePlaceholderError(ValueError):
+    """The number of `<image>` placeholder tokens does not match the images given."""
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision = ViT(cfg.vision)
+        self.connector = build_connector(
+            cfg.connector, cfg.vision.hidden_size, cfg.lm.hidden_size, 1 if cfg.vision.keep_cls else 0
+        )
+        self.lm = LanguageModel(cfg.lm)
+        if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
+            raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
+
+    @property
+    def tokens_per_image(self) -> int:
+        size = self.config.vision.image_size
+        return self.connector.num_tokens(self.vision.grid_for(size, size))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, T, D_lm] image tokens in the LM's embedding space."""
+        grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
+        features = self.vision(pixel_values.to(self.vision.embeddings.proj.weight.dtype))
+        return self.connector(features, grid)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image tokens written over the `<image>` placeholder positions.
+
+        Images are consumed in reading order: row by row, left to right. `image_counts[b]` (images
+        of sample b), when given, is checked against each row's placeholders.
+        """
+        embeds = self.lm.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        per_row = is_image.sum(dim=1)
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_images == 0:
+            if bool(per_row.any()):
+                raise ImagePlaceholderError(
+                    f"the batch has {int(per_row.sum())} image placeholder tokens but no images were given"
+                )
+            return embeds
+        image_embeds = self.encode_images(pixel_values)
+        t = image_embeds.shape[1]
+        if image_counts is not None:
+            counts = torch.as_tensor(image_counts, device=per_row.device)
+            bad = (per_row != counts * t).nonzero().flatten().tolist()
+            if bad:
+                b = bad[0]
+                raise ImagePlaceholderError(
+                    f"sample {b} has {int(per_row[b])} image placeholder tokens but {int(counts[b])} image(s) "
+                    f"x {t} tokens = {int(counts[b]) * t} were expected"
+                )
+        total = int(per_row.sum())
+        if total != num_images * t:
+            raise ImagePlaceholderError(
+                f"the batch has {total} image placeholder tokens but {num_images} image(s) x {t} tokens per image "
+                f"= {num_images * t}; each <image> must expand to exactly {t} placeholders"
+            )
+        return embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+        logits: bool = True,
+    ) -> LMOutput:
+        embeds = self.embed(input_ids, pixel_values, image_counts)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits=logits)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Generate up to `max_new_tokens` per row; rows are left-padded prompts.
+
+        Greedy when `temperature` == 0, else temperature + nucleus (top-p) sampling. Returns each
+        row's new tokens, cut before the first `eos_token_id`.
+        """
+        b, prompt_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+        embeds = self.embed(input_ids, pixel_values, image_counts)
+        mask = attention_mask.long()
+        cache = self.lm.new_cache(b, prompt_len + max_new_tokens, dtype=embeds.dtype) if use_cache else None
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits=False)
+        hidden = out.hidden_states[:, -1]
+        new_tokens = torch.empty(b, 0, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            next_token = self._pick(self.lm.lm_head(hidden).float(), temperature, top_p, generator)
+            new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+            if eos_token_id is not None:
+                done |= next_token == eos_token_id
+                if bool(done.all()):
+                    break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            step = self.lm.embed_tokens(next_token[:, None])
+            if cache is not None:
+                out = self.lm(inputs_embeds=step, attention_mask=mask, cache=cache, logits=False)
+            else:
+                embeds = torch.cat([embeds, step], dim=1)
+                out = self.lm(inputs_embeds=embeds, attention_mask=mask, logits=False)
+            hidden = out.hidden_states[:, -1]
+        return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) atomically to `directory`."""
+        with atomic_directory(directory) as tmp:
+            meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(self.config)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            save_model(self, str(tmp / WEIGHTS_FILE))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != "vlmkit":
+            raise ValueError(f"{config_path} is not a vlmkit model config (format={meta.get('format')!r})")
+        model = cls(ModelConfig.from_dict(meta["model"], where=f"{config_path}: model"))
+        missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"{weights_path}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
+        return model.to(device)
+
+
+def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
