@@ -10,6 +10,10 @@ from vlmkit import __version__
 
 # command name -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("vlmkit.commands.synth", "generate the shapes-world dataset"),
+    "train": ("vlmkit.commands.train", "train a stage (clip, align, instruct) from a config"),
+    "eval": ("vlmkit.commands.eval", "evaluate a trained model on a split"),
+    "chat": ("vlmkit.commands.chat", "ask a trained model a question (optionally about an image)"),
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
 }

@@ -165,15 +165,19 @@ class VisionLanguageModel(nn.Module):
     def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
         """Write config.json + model.safetensors (+ tokenizer files) atomically to `directory`."""
         with atomic_directory(directory) as tmp:
-            meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(self.config)}
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            save_model(self, str(tmp / WEIGHTS_FILE))
-            if tokenizer is not None:
-                tokenizer.save(tmp)
+            self.write(tmp, tokenizer)
+
+    def write(self, directory: Path, tokenizer=None) -> None:
+        """Write the model files into an existing directory (callers make it atomic)."""
+        meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(self.config)}
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_model(self, str(directory / WEIGHTS_FILE))
+        if tokenizer is not None:
+            tokenizer.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
-        directory = Path(directory)
+        directory = resolve_model_dir(directory)
         config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (config_path, weights_path):
             if not path.is_file():
@@ -190,3 +194,11 @@ class VisionLanguageModel(nn.Module):
 
 def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training run directory whose final model lives in `model/`."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    return path

@@ -1,0 +1,36 @@
+"""`vlmkit chat MODEL_DIR [--image PATH] "question"`: one answer from a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory or a training run directory")
+    p.add_argument("question")
+    p.add_argument("--image", help="an image file the question is about")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmkit.data.images import load_image
+    from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.eval.generation import Answerer
+    from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+    from vlmkit.train.trainer import resolve_device
+
+    model_dir = resolve_model_dir(args.model_dir)
+    device = resolve_device(args.device)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p)
+    image = answerer.processor(load_image(args.image)) if args.image else None
+    torch.manual_seed(args.seed)
+    print(answerer.answer([args.question], [image])[0])
+    return 0

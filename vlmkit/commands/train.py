@@ -1,0 +1,29 @@
+"""`vlmkit train --config X.yaml [--set key=value ...]` or `vlmkit train --resume RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a run config YAML (see configs/)")
+    p.add_argument("--stage", choices=("clip", "align", "instruct"), help="which stage of a multi-stage recipe")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--strict", action="store_true", help="bad data records are errors instead of skipped")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmkit.train.config import load_run_config
+    from vlmkit.train.trainer import Trainer, resume
+
+    overrides = args.overrides + (["data.strict=true"] if args.strict else [])
+    if bool(args.config) == bool(args.resume):
+        raise ValueError("give exactly one of --config X.yaml or --resume RUN_DIR")
+    trainer = resume(args.resume, overrides) if args.resume else Trainer(load_run_config(args.config, overrides, args.stage))
+    results = trainer.fit()
+    print(json.dumps(results, indent=2))
+    print(f"model written to {trainer.run_dir / 'model'}")
+    return 0

@@ -1,0 +1,71 @@
+"""Batched, KV-cached answering of single-turn questions about images."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vlmkit.data.chat import ChatFormat
+from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.models.vlm import VisionLanguageModel
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+class Answerer:
+    """Answers questions about images with a VisionLanguageModel, in length-sorted batches."""
+
+    def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer, batch_size: int = 64,
+                 max_new_tokens: int = 24, precision: str = "bf16", temperature: float = 0.0,
+                 top_p: float = 1.0):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.chat = ChatFormat(tokenizer, model.tokens_per_image)
+        self.processor = ImageProcessor.from_vision_config(model.config.vision)
+        self.batch_size, self.max_new_tokens, self.precision = batch_size, max_new_tokens, precision
+        self.temperature, self.top_p = temperature, top_p
+        self.device = next(model.parameters()).device
+
+    def answer(self, questions: Sequence[str], images: Sequence[torch.Tensor | None]) -> list[str]:
+        """`images[i]` is a preprocessed [3, H, W] tensor, or None for a text-only question."""
+        prompts = [self.chat.prompt(q, with_image=img is not None).input_ids for q, img in zip(questions, images)]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            ids, mask = left_pad([prompts[i] for i in chunk], self.tok.pad_id)
+            pixels = [images[i] for i in chunk if images[i] is not None]
+            pixel_values = torch.stack(pixels).to(self.device) if pixels else None
+            use_bf16 = self.precision == "bf16"
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = self.model.generate(ids.to(self.device), mask.to(self.device), pixel_values,
+                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_id,
+                                          temperature=self.temperature, top_p=self.top_p)
+            for i, tokens in zip(chunk, out):
+                answers[i] = self.tok.decode(tokens).strip()
+        return answers
+
+    def answer_records(self, records: Sequence[dict], image_root: str | Path) -> list[str]:
+        """Answer `{"image", "question"}` records; each distinct image is decoded once."""
+        cache: dict[str, torch.Tensor] = {}
+        images = []
+        for rec in records:
+            path = rec.get("image")
+            if path is None:
+                images.append(None)
+                continue
+            if path not in cache:
+                cache[path] = self.processor(load_image(Path(image_root) / path))
+            images.append(cache[path])
+        return self.answer([r["question"] for r in records], images)

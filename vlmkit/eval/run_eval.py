@@ -1,0 +1,63 @@
+"""Evaluate a trained VLM on a shapes-world style split: VQA, POPE, grounding, compositional."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.eval.generation import Answerer
+from vlmkit.eval.metrics import markdown_table, score
+from vlmkit.io import write_json_atomic
+from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def data_root_of(run_dir: Path) -> Path:
+    """The data directory a run was trained on (from its run.yaml)."""
+    run_yaml = run_dir / "run.yaml"
+    if not run_yaml.is_file():
+        raise FileNotFoundError(f"{run_yaml} not found: pass --data DIR (the directory holding {{split}}_qa.jsonl)")
+    return Path(yaml.safe_load(run_yaml.read_text())["data"]["root"])
+
+
+def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
+             limit: int | None = None, batch_size: int = 64, device: str = "cpu",
+             out: str | Path | None = None) -> dict:
+    """Answer every question of `{split}_qa.jsonl` (and `compositional_qa.jsonl` when present), score,
+    write `eval.json` (to `out`, default the run directory) and return the results."""
+    run_dir = Path(run_dir)
+    root = Path(data_root) if data_root else data_root_of(run_dir)
+    model_dir = resolve_model_dir(run_dir)
+    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
+    results: dict = {}
+    samples: dict[str, list] = {}
+    for name in (split, "compositional"):
+        path = root / f"{name}_qa.jsonl"
+        if name == "compositional" and not path.is_file():
+            continue
+        records = read_jsonl(path)[:limit]
+        with torch.inference_mode():
+            predictions = answerer.answer_records(records, root)
+        scored = score(records, predictions)
+        results[name if name == "compositional" else "split"] = scored
+        samples[name] = [{**r, "prediction": p} for r, p in zip(records, predictions)]
+    final = {**results.pop("split"), "split": split}
+    if "compositional" in results:
+        final["compositional"] = results["compositional"]
+    final["examples"] = samples[split][:20]
+    write_json_atomic(Path(out) if out else run_dir / "eval.json", final)
+    return final
+
+
+def print_report(results: dict) -> None:
+    print(markdown_table(results, results.get("compositional")))

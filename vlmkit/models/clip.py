@@ -1,0 +1,98 @@
+"""CLIP-style dual encoder: a ViT and a small causal text transformer, trained with symmetric InfoNCE."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlmkit import __version__
+from vlmkit.config import LanguageConfig, VisionConfig, from_dict, to_dict
+from vlmkit.io import atomic_directory
+from vlmkit.models.language import LanguageModel
+from vlmkit.models.vision import ViT
+from vlmkit.models.vlm import resolve_model_dir
+
+FORMAT = "vlmkit-clip"
+
+
+@dataclass
+class ClipConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: LanguageConfig = field(default_factory=lambda: LanguageConfig(hidden_size=128, num_layers=2,
+                                                                        num_heads=4, num_kv_heads=4,
+                                                                        intermediate_size=344))
+    embed_dim: int = 128
+    init_temperature: float = 0.07
+
+
+class DualEncoder(nn.Module):
+    """Image and text towers projected into one embedding space.
+
+    The text tower is our decoder LM run causally; like CLIP, a caption is represented by the
+    hidden state of its last real token (which has seen the whole caption).
+    """
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision = ViT(cfg.vision)
+        self.text = LanguageModel(cfg.text)
+        self.text.lm_head = None  # the text tower only needs hidden states
+        self.image_proj = nn.Linear(cfg.vision.hidden_size, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.vision.pooled(pixels)), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Right-padded input: causal attention means padding never affects real tokens.
+        hidden = self.text(input_ids=ids, logits=False).hidden_states
+        last = mask.long().sum(dim=1) - 1
+        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE loss over the batch (the matching pair is the positive)."""
+        img, txt = self.encode_image(pixel_values), self.encode_text(text_ids, text_mask)
+        # Clamp as CLIP does: a temperature below 1/100 makes training unstable.
+        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img.float() @ txt.float().t()
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        with atomic_directory(directory) as tmp:
+            self.write(tmp, tokenizer)
+
+    def write(self, directory: Path, tokenizer=None) -> None:
+        meta = {"format": FORMAT, "vlmkit_version": __version__, "model": to_dict(self.config)}
+        (directory / "config.json").write_text(json.dumps(meta, indent=2))
+        save_model(self, str(directory / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
+        directory = resolve_model_dir(directory)
+        meta = read_model_meta(directory)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{directory} holds a {meta.get('format')!r} model, not a CLIP dual encoder")
+        model = cls(from_dict(ClipConfig, meta["model"], f"{directory}/config.json: model"))
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"{directory}/model.safetensors: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        return model.to(device)
+
+
+def read_model_meta(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+    return json.loads(path.read_text())

@@ -1,0 +1,154 @@
+"""Run configuration: one YAML file per stage, `--set key.sub=value` overrides, strict keys."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
+
+STAGES = ("clip", "align", "instruct")
+
+
+@dataclass
+class DataConfig:
+    root: str = "."  # image paths in the data files are relative to this directory
+    train: str = "train.json"
+    val: str | None = None
+    max_length: int = 256  # longer samples are skipped (with a warning), never truncated
+    strict: bool = False  # turn bad records into errors instead of skipping them
+    caption_prompt: str = "Describe the image."  # align stage: the question a caption answers
+    text_only: str | None = None  # instruct stage: text-only conversations mixed in (LLaVA format)
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    # Per-module learning rates (keys: vision, connector, lm, text, proj); unset modules use `lr`.
+    module_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    train_vision: bool = False  # instruct stage: also fine-tune the vision tower (at module_lr.vision)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "instruct"
+    out: str = "runs/run"
+    model: dict[str, Any] = field(default_factory=dict)  # a ModelConfig (from-scratch models)
+    text: dict[str, Any] = field(default_factory=dict)  # clip stage: the text tower's LanguageConfig
+    clip_embed_dim: int = 128
+    tokenizer: str | None = None  # directory with tokenizer.json
+    init_from: str | None = None  # a previous stage's run/model dir whose weights start this stage
+    vision_from: str | None = None  # a clip-stage run whose vision tower the VLM starts from
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = "bf16"  # bf16 (autocast) | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_samples: int = 256  # val examples used for the end-of-stage evaluation
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage: {self.stage!r} is not one of {list(STAGES)}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp32']")
+        if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
+            raise ConfigError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
+        self.optim.betas = tuple(self.optim.betas)
+
+    def model_config(self, vocab_size: int, image_token_id: int) -> ModelConfig:
+        data = {**self.model, "image_token_id": image_token_id}
+        data["lm"] = {**data.get("lm", {}), "vocab_size": vocab_size}
+        return ModelConfig.from_dict(data, "model")
+
+    def text_config(self, vocab_size: int) -> LanguageConfig:
+        return from_dict(LanguageConfig, {**self.text, "vocab_size": vocab_size}, "text")
+
+
+_NESTED = {"data": DataConfig, "optim": OptimConfig}
+
+
+def parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-3, true, null, [1, 2] all mean what they look like."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings to a nested dict (copying along the path)."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = parse_value(value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> RunConfig:
+    """A run config from a single-stage YAML, or from a recipe (with `stages:`) and a stage name."""
+    from vlmkit.train.recipe import stage_config
+
+    data = read_yaml(path)
+    if "stages" in data:
+        if stage is None:
+            raise ConfigError(f"{path} is a multi-stage recipe: choose a stage with --stage {sorted(data['stages'])}")
+        return stage_config(data, stage, overrides, str(path))
+    if stage is not None:
+        data["stage"] = stage
+    return run_config_from_dict(apply_overrides(data, list(overrides)), str(path))
+
+
+def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+    data = dict(data)
+    for key, cls in _NESTED.items():
+        if key in data:
+            data[key] = from_dict(cls, data[key] or {}, f"{where}: {key}")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    try:
+        return RunConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    out = to_dict(cfg)
+    out["optim"]["betas"] = list(out["optim"]["betas"])
+    return out

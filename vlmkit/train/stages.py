@@ -1,0 +1,194 @@
+"""Training stages: what model each builds, what is frozen, what data it reads, how it scores itself.
+
+clip     -- vision tower + text tower, contrastive (symmetric InfoNCE), everything trains
+align    -- VLM; only the connector trains (vision and LM frozen), on caption pairs
+instruct -- VLM; connector + LM train (vision optionally), on conversations
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmkit.data.chat import ChatFormat
+from vlmkit.data.datasets import (
+    ConversationDataset,
+    ImageTextDataset,
+    caption_records,
+    collate,
+    collate_image_text,
+    read_records,
+)
+from vlmkit.data.images import ImageProcessor
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.models.clip import ClipConfig, DualEncoder
+from vlmkit.models.hub import load_into
+from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+from vlmkit.train.config import RunConfig
+
+
+def freeze(module: nn.Module, trainable: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
+class Stage:
+    name = ""
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    def data_path(self, name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.cfg.data.root) / path
+
+    # Each stage implements these.
+    def build_model(self) -> nn.Module: ...
+    def set_trainable(self, model: nn.Module) -> None: ...
+    def datasets(self, model: nn.Module) -> tuple: ...
+    def collate(self, batch: list) -> dict: ...
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor: ...
+    def evaluate(self, model: nn.Module, val) -> dict: ...
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["text_mask"].sum())
+
+
+class ClipStage(Stage):
+    name = "clip"
+
+    def build_model(self) -> DualEncoder:
+        vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id).vision
+        model_cfg = ClipConfig(vision=vision, text=self.cfg.text_config(self.tokenizer.vocab_size),
+                               embed_dim=self.cfg.clip_embed_dim)
+        model = DualEncoder(model_cfg)
+        if self.cfg.init_from:
+            model.load_state_dict(DualEncoder.from_pretrained(self.cfg.init_from).state_dict())
+        return model
+
+    def set_trainable(self, model: nn.Module) -> None:
+        freeze(model, True)
+
+    def datasets(self, model: DualEncoder) -> tuple:
+        processor = ImageProcessor.from_vision_config(model.config.vision)
+        make = lambda name: ImageTextDataset(  # noqa: E731
+            self.data_path(name), self.cfg.data.root, self.tokenizer, processor,
+            max_text_length=self.cfg.data.max_length, strict=self.cfg.data.strict)
+        return make(self.cfg.data.train), make(self.cfg.data.val) if self.cfg.data.val else None
+
+    def collate(self, batch: list) -> dict:
+        return collate_image_text(batch, self.tokenizer.pad_id)
+
+    def loss(self, model: DualEncoder, batch: dict) -> torch.Tensor:
+        return model(batch["pixel_values"], batch["text_ids"], batch["text_mask"])
+
+    @torch.no_grad()
+    def evaluate(self, model: DualEncoder, val) -> dict:
+        return clip_retrieval(model, val, self.tokenizer, self.cfg.eval_samples)
+
+
+@torch.no_grad()
+def clip_retrieval(model: DualEncoder, dataset, tokenizer: Tokenizer, limit: int) -> dict:
+    """Zero-shot image->text retrieval on `limit` distinct images: is the image's own caption the best?"""
+    model.eval()
+    seen: dict[str, int] = {}
+    for i in range(len(dataset)):
+        seen.setdefault(dataset.image_key(i), i)
+        if len(seen) >= limit:
+            break
+    items = [dataset[i] for i in seen.values()]
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate_image_text(items, tokenizer.pad_id).items()}
+    sims = model.encode_image(batch["pixel_values"]) @ model.encode_text(batch["text_ids"], batch["text_mask"]).t()
+    targets = torch.arange(len(items), device=device)
+    top5 = sims.topk(min(5, len(items)), dim=1).indices
+    return {
+        "retrieval_top1": float((sims.argmax(dim=1) == targets).float().mean()),
+        "retrieval_top5": float((top5 == targets[:, None]).any(dim=1).float().mean()),
+        "retrieval_candidates": len(items),
+    }
+
+
+class VLMStage(Stage):
+    """Shared by align and instruct: a VisionLanguageModel on conversations."""
+
+    def build_model(self) -> VisionLanguageModel:
+        if self.cfg.init_from:
+            return VisionLanguageModel.from_pretrained(self.cfg.init_from)
+        model = VisionLanguageModel(self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id))
+        if self.cfg.vision_from:
+            clip = DualEncoder.from_pretrained(self.cfg.vision_from)
+            load_into(model.vision, clip.vision.state_dict(), f"{resolve_model_dir(self.cfg.vision_from)}: vision")
+        return model
+
+    def records(self, name: str):
+        return read_records(self.data_path(name), strict=self.cfg.data.strict)
+
+    def make_dataset(self, model: VisionLanguageModel, records) -> ConversationDataset:
+        chat = ChatFormat(self.tokenizer, model.tokens_per_image)
+        processor = ImageProcessor.from_vision_config(model.config.vision)
+        records, report = records
+        return ConversationDataset.from_records(
+            records, report, self.cfg.data.root, chat, processor, max_length=self.cfg.data.max_length,
+            strict=self.cfg.data.strict)
+
+    def datasets(self, model: VisionLanguageModel) -> tuple:
+        train = self.make_dataset(model, self.records(self.cfg.data.train))
+        val = self.make_dataset(model, self.records(self.cfg.data.val)) if self.cfg.data.val else None
+        return train, val
+
+    def collate(self, batch: list) -> dict:
+        return collate(batch, self.tokenizer.pad_id)
+
+    def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
+        # Right padding + causal attention: padding never influences real tokens, so no mask is
+        # needed and the fast causal kernel is used.
+        return model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
+                     image_counts=batch["image_counts"], logits=False).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: VisionLanguageModel, val) -> dict:
+        model.eval()
+        n = min(len(val), self.cfg.eval_samples)
+        device = next(model.parameters()).device
+        total, batches = 0.0, 0
+        for start in range(0, n, 32):
+            batch = self.collate([val[i] for i in range(start, min(n, start + 32))])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            total += float(self.loss(model, batch))
+            batches += 1
+        return {"val_loss": total / max(1, batches), "val_samples": n}
+
+
+class AlignStage(VLMStage):
+    name = "align"
+
+    def set_trainable(self, model: VisionLanguageModel) -> None:
+        freeze(model, False)
+        freeze(model.connector, True)
+
+    def records(self, name: str):
+        return caption_records(self.data_path(name), prompt=self.cfg.data.caption_prompt, strict=self.cfg.data.strict)
+
+
+class InstructStage(VLMStage):
+    name = "instruct"
+
+    def set_trainable(self, model: VisionLanguageModel) -> None:
+        freeze(model.vision, self.cfg.optim.train_vision)
+        freeze(model.connector, True)
+        freeze(model.lm, True)
+
+    def datasets(self, model: VisionLanguageModel) -> tuple:
+        train, val = super().datasets(model)
+        if self.cfg.data.text_only:
+            extra = self.make_dataset(model, self.records(self.cfg.data.text_only))
+            train = torch.utils.data.ConcatDataset([train, extra])
+        return train, val
+
+
+STAGE_CLASSES: dict[str, type[Stage]] = {"clip": ClipStage, "align": AlignStage, "instruct": InstructStage}

@@ -1,0 +1,290 @@
+"""The training loop, readable top to bottom, with exact resume.
+
+Run directory layout:
+    run.yaml           the resolved config (what `--resume` restarts from)
+    metrics.jsonl      one JSON line per log step
+    checkpoints/step-N model + optimizer + scheduler + RNG + data position (atomic, last K kept)
+    model/             the final model (config.json, model.safetensors, tokenizer.json)
+    stage_eval.json    the stage's own end-of-run evaluation
+    loss_curve.png     training loss against step (when matplotlib is installed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.io import atomic_directory, write_json_atomic
+from vlmkit.models.vlm import resolve_model_dir
+from vlmkit.train.config import RunConfig, load_run_config, run_config_to_dict
+from vlmkit.train.optim import build_optimizer, build_scheduler
+from vlmkit.train.stages import STAGE_CLASSES, Stage
+
+log = logging.getLogger("vlmkit.train")
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    samples_seen: int = 0  # position in the sample stream (epochs are seeded permutations)
+
+
+class SampleStream:
+    """Deterministic sample order: epoch e is a permutation seeded by (seed, e).
+
+    The position is a single integer, so resuming at `samples_seen` reproduces the exact batches.
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size == 0:
+            raise ValueError("the training set is empty (every record was skipped? see the load summary)")
+        self.size, self.seed = size, seed
+        self._epoch, self._order = -1, None
+
+    def take(self, position: int, count: int) -> list[int]:
+        out = []
+        for p in range(position, position + count):
+            epoch, index = divmod(p, self.size)
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                self._epoch, self._order = epoch, torch.randperm(self.size, generator=g).tolist()
+            out.append(self._order[index])
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.out)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.tokenizer = self._load_tokenizer()
+        self.stage: Stage = STAGE_CLASSES[cfg.stage](cfg, self.tokenizer)
+        self.model = self.stage.build_model()
+        self.stage.set_trainable(self.model)
+        self.model.to(self.device)
+        self.train_set, self.val_set = self.stage.datasets(self.model)
+        self.stream = SampleStream(len(self.train_set), cfg.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.state = TrainState()
+
+    def _load_tokenizer(self) -> Tokenizer:
+        source = self.cfg.tokenizer or self.cfg.init_from or self.cfg.vision_from
+        if source is None:
+            raise ValueError("no tokenizer: set `tokenizer:` to a directory with tokenizer.json")
+        return Tokenizer.load(resolve_model_dir(source))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to `optim.steps` (or stop once `stop_after` steps are done, for tests)."""
+        cfg, opt = self.cfg, self.cfg.optim
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "run.yaml").write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+        self.model.train()
+        last = opt.steps if stop_after is None else min(opt.steps, stop_after)
+        bar = tqdm(total=opt.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
+                   mininterval=2.0, disable=None)
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
+        while self.state.step < last:
+            loss, tokens, samples = self.train_step()
+            self.state.step += 1
+            window["loss"] += loss
+            window["steps"] += 1
+            window["tokens"] += tokens
+            window["samples"] += samples
+            bar.update(1)
+            if self.state.step % cfg.log_every == 0 or self.state.step == last:
+                record = self._log(window)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
+            if self.state.step % cfg.save_every == 0 and self.state.step < opt.steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.state.step < opt.steps:
+            self.save_checkpoint()
+            return {}
+        return self.finish()
+
+    def train_step(self) -> tuple[float, int, int]:
+        opt = self.cfg.optim
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss, tokens, samples = 0.0, 0, 0
+        for _ in range(opt.grad_accum):
+            indices = self.stream.take(self.state.samples_seen, opt.batch_size)
+            self.state.samples_seen += len(indices)
+            batch = self._to_device(self.stage.collate([self.train_set[i] for i in indices]))
+            with autocast(self.device, self.cfg.precision):
+                loss = self.stage.loss(self.model, batch) / opt.grad_accum
+            loss.backward()
+            total_loss += float(loss.detach())
+            tokens += self.stage.count_tokens(batch)
+            samples += len(indices)
+        if opt.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           opt.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total_loss, tokens, samples
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _log(self, window: dict) -> dict:
+        elapsed = max(1e-9, time.perf_counter() - window["start"])
+        record = {
+            "step": self.state.step,
+            "loss": window["loss"] / max(1, window["steps"]),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": window["tokens"] / elapsed,
+            "samples_per_s": window["samples"] / elapsed,
+            "samples_seen": self.state.samples_seen,
+            "time": time.time(),
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+    def finish(self) -> dict:
+        with atomic_directory(self.run_dir / "model") as tmp:
+            self.model.write(tmp, self.tokenizer)
+        results = self.stage.evaluate(self.model, self.val_set) if self.val_set is not None else {}
+        results.update(stage=self.cfg.stage, steps=self.state.step)
+        write_json_atomic(self.run_dir / "stage_eval.json", results)
+        plot_loss_curve(self.run_dir)
+        return results
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        target = self.run_dir / "checkpoints" / f"step-{self.state.step:06d}"
+        with atomic_directory(target) as tmp:
+            self.model.write(tmp, self.tokenizer)
+            torch.save({
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            }, tmp / "training_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                **asdict(self.state), "python_rng": _jsonable(random.getstate()),
+                "numpy_rng_pos": int(np.random.get_state()[2]),
+            }))
+        self._prune_checkpoints()
+        return target
+
+    def _prune_checkpoints(self) -> None:
+        ckpts = list_checkpoints(self.run_dir)
+        for old in ckpts[: max(0, len(ckpts) - self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        blob = torch.load(path / "training_state.pt", weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["torch_rng"].cpu())
+        if blob["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
+        meta = json.loads((path / "trainer_state.json").read_text())
+        np.random.set_state(("MT19937", blob["numpy_rng"].cpu().numpy().astype(np.uint32), meta["numpy_rng_pos"]))
+        random.setstate(_tupled(meta["python_rng"]))
+        self.state = TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
+        _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def resume(run_dir: str | Path, overrides: list[str] = ()) -> Trainer:
+    """A trainer restored from the newest checkpoint of `run_dir` (its run.yaml is the config)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "run.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a training run directory")
+    cfg = load_run_config(config_path, overrides)
+    trainer = Trainer(cfg, run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if ckpts:
+        trainer.load_checkpoint(ckpts[-1])
+        log.info("resuming %s from %s", run_dir, ckpts[-1].name)
+    else:
+        log.warning("no checkpoint in %s: starting from step 0", run_dir)
+    return trainer
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no loss curve (pip install 'vlmkit[report]')")
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "loss_curve.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
