@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -16,32 +18,54 @@ class ConfigError(ValueError):
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from `data`, recursing into nested dataclasses.
 
-    Unknown keys are an error (a typo must not silently fall back to a default); `where` is the
-    dotted path used in messages, e.g. ``model.vision``.
+    Unknown keys are an error (a typo must not silently fall back to a default); numbers written as
+    strings ("3e-4", which YAML 1.1 reads as text) become numbers; `where` is the dotted path used
+    in messages, e.g. ``model.vision``.
     """
+    where = where or cls.__name__
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(
-            f"{where or cls.__name__}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = _nested_dataclass(cls, name)
-        kwargs[name] = from_dict(sub, value, f"{where}.{name}" if where else name) if sub else value
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+        raise ConfigError(f"{where}: {err}") from None
 
 
-def _nested_dataclass(cls: type, name: str) -> type | None:
-    hint = cls.__annotations__.get(name) if hasattr(cls, "__annotations__") else None
-    if isinstance(hint, str):
-        hint = _DATACLASSES.get(hint)
-    return hint if dataclasses.is_dataclass(hint) else None
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Numbers for number fields (also inside dict[str, float]); a clear error for anything else."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is dict and isinstance(value, dict) and len(args) == 2:
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if value is None and type(None) in args:
+        return None
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    number = next((t for t in (float, int) if hint is t or (is_union and t in args)), None)
+    if number is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if number is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if number is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, number):
+        raise ConfigError(f"{where}: expected {number.__name__}, got {value!r}")
+    return value
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -146,10 +170,3 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
         return from_dict(cls, data, where)
 
-
-_DATACLASSES = {
-    "VisionConfig": VisionConfig,
-    "LanguageConfig": LanguageConfig,
-    "ConnectorConfig": ConnectorConfig,
-    "ModelConfig": ModelConfig,
-}

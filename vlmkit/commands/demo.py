@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     if not args.skip_synth:
         summary = write_dataset(data_dir, **recipe.get("synth", {}))
-        print(f"[demo] shapes-world: {summary.get('counts', summary.get('n_scenes', ''))} -> {data_dir}")
+        scenes = ", ".join(f"{split} {c['scenes']}" for split, c in summary["counts"].items())
+        print(f"[demo] shapes-world scenes: {scenes} -> {data_dir} ({summary['seconds']:.0f}s)")
         tokenizer = train_tokenizer(tokenizer_texts(data_dir), **recipe.get("tokenizer_training", {}))
-        tok_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tok_dir)
     timings["synth"] = time.perf_counter() - t
 

@@ -432,6 +432,11 @@ class ConversationDataset(_SkippingDataset):
         self._labels = np.concatenate([labels for _, (_, labels), _ in kept])
         self._init_runtime()
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token length of every sample (image placeholders included), for length-grouped batching."""
+        return np.diff(self._offsets)
+
     @classmethod
     def from_records(
         cls,
@@ -519,6 +524,10 @@ class ImageTextDataset(_SkippingDataset):
         self.captions: list[list[str]] = [by_image[image] for image in self._image_index]
         self.image_paths: list[Path] = [self._store.paths[image] for image in self._image_index]
         self._init_runtime()
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self._text_ids]
 
     def image_key(self, index: int) -> str:
         """Item `index`'s image as a string (its resolved path): equal keys mean the same image."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +45,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"pad_token": self.pad_token, "eos_token": self.eos_token,
                   "image_token": self.image_token, "im_start_token": self.im_start}
@@ -69,7 +71,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
     first ids, so `<|endoftext|>` = 0 is the pad id.
     """
     backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits are split one by one (as Llama does): box coordinates then share ten well-trained
+    # digit embeddings instead of a thousand rarely seen number tokens.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -78,5 +85,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    # The chat template's role headers are always in the corpus, so each is one or two tokens.
+    chat_roles = ["system\n", "user\n", "assistant\n"] * 100
+    backend.train_from_iterator(itertools.chain(chat_roles, texts), trainer=trainer)
     return Tokenizer(backend)

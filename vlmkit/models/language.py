@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import LanguageConfig
+from vlmkit.models.attention import attention
 
 IGNORE_INDEX = -100
 
@@ -45,6 +46,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Under autocast q/k are bf16 while cos/sin follow the fp32 residual stream: keep q/k's dtype.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -89,7 +92,7 @@ class Attention(nn.Module):
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         # Without a mask the plain causal kernel applies (training, unpadded prefill).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and n > 1)
+        out = attention(q, k, v, mask, causal=mask is None and n > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

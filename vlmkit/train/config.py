@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +78,6 @@ class RunConfig:
         return from_dict(LanguageConfig, {**self.text, "vocab_size": vocab_size}, "text")
 
 
-_NESTED = {"data": DataConfig, "optim": OptimConfig}
-
-
 def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-3, true, null, [1, 2] all mean what they look like."""
     return yaml.safe_load(text)
@@ -134,18 +130,7 @@ def load_run_config(path: str | Path, overrides: list[str] = (), stage: str | No
 
 
 def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
-    data = dict(data)
-    for key, cls in _NESTED.items():
-        if key in data:
-            data[key] = from_dict(cls, data[key] or {}, f"{where}: {key}")
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    try:
-        return RunConfig(**data)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return from_dict(RunConfig, data, where)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,28 @@
+"""Scaled dot-product attention with a CPU-friendly path for bf16 training.
+
+On CPU, PyTorch's fused SDPA kernel is 2-4x slower than plain matmul + softmax for the short
+sequences and bf16 autocast used here (fwd+bwd, measured at [64, 4, 41, 64]: 37 ms vs 8 ms). So
+half-precision inputs on CPU take the explicit path; everything else (fp32, CUDA) uses SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, impl: str = "auto") -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v. `mask` is boolean (True = may attend), broadcastable."""
+    if impl == "auto":
+        impl = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal and mask is None:
+        n, m = q.shape[-2], k.shape[-2]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # Softmax in fp32: bf16 exponentials lose too much precision over a row.
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
