@@ -19,14 +19,19 @@ def test_select_layer_runs_only_needed_blocks_and_matches_hidden_states():
     x = torch.randn(2, 3, 32, 32)
     feats = vit(x)
     assert calls == [0, 1]  # the last block is skipped
-    assert torch.equal(feats, vit.hidden_states(x)[-2][:, 1:])
+    assert torch.equal(feats, vit.post_layernorm(vit.hidden_states(x)[-2])[:, 1:])
     assert feats.shape == (2, 16, 16)
+    raw = ViT(small(select_layer=-2, feature_norm=False))
+    raw.load_state_dict(vit.state_dict())
+    assert torch.equal(raw(x), vit.hidden_states(x)[-2][:, 1:])
 
 
 def test_keep_cls_and_no_cls_variants():
     x = torch.randn(1, 3, 32, 32)
     assert ViT(small(keep_cls=True))(x).shape == (1, 17, 16)
     assert ViT(small(use_cls_token=False))(x).shape == (1, 16, 16)
+    with pytest.raises(ConfigError, match="feature_norm needs"):
+        small(post_layernorm=False)
     with pytest.raises(ConfigError, match="keep_cls"):
         small(use_cls_token=False, keep_cls=True)
 

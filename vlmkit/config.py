@@ -94,6 +94,10 @@ class VisionConfig:
     patch_bias: bool = True  # CLIP's patch conv has no bias
     pre_layernorm: bool = False  # CLIP normalises the embeddings before the blocks
     post_layernorm: bool = True  # final norm, used for pooled / last-layer output
+    # Normalise the selected features with the final norm. Raw residual streams of a from-scratch
+    # tower grow large (std ~17 after the demo's clip stage), swamping the LM's ~1-norm token
+    # embeddings; HF CLIP-style towers (whose LLaVA features are raw) turn this off.
+    feature_norm: bool = True
     layerscale: bool = False  # DINOv2 scales each residual branch per channel
     layerscale_init: float = 1.0
     select_layer: int = -1  # index into [embeddings, block 1, ..., block N]; -2 = penultimate
@@ -109,6 +113,8 @@ class VisionConfig:
             raise ConfigError(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
             raise ConfigError(f"vision.select_layer {self.select_layer} out of range for {self.num_layers} layers")
+        if self.feature_norm and not self.post_layernorm:
+            raise ConfigError("vision.feature_norm needs vision.post_layernorm: true (the norm it applies)")
         if self.keep_cls and not self.use_cls_token:
             raise ConfigError("vision.keep_cls is true but the tower has no CLS token (use_cls_token: false)")
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)

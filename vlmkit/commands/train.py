@@ -22,7 +22,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = args.overrides + (["data.strict=true"] if args.strict else [])
     if bool(args.config) == bool(args.resume):
         raise ValueError("give exactly one of --config X.yaml or --resume RUN_DIR")
-    trainer = resume(args.resume, overrides) if args.resume else Trainer(load_run_config(args.config, overrides, args.stage))
+    if args.resume:
+        trainer = resume(args.resume, overrides)
+    else:
+        trainer = Trainer(load_run_config(args.config, overrides, args.stage))
     results = trainer.fit()
     print(json.dumps(results, indent=2))
     print(f"model written to {trainer.run_dir / 'model'}")

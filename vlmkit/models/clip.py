@@ -87,7 +87,9 @@ class DualEncoder(nn.Module):
         model = cls(from_dict(ClipConfig, meta["model"], f"{directory}/config.json: model"))
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
         if missing or unexpected:
-            raise ValueError(f"{directory}/model.safetensors: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise ValueError(
+                f"{directory}/model.safetensors: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         return model.to(device)
 
 

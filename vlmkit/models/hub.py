@@ -160,6 +160,7 @@ def vision_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> V
         patch_bias=False,
         pre_layernorm=True,
         post_layernorm=True,
+        feature_norm=False,
         select_layer=-2,
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,

@@ -106,8 +106,8 @@ class ViT(nn.Module):
     """Vision Transformer.
 
     `forward` returns the features a VLM consumes: the hidden state at `select_layer` (index into
-    [embeddings, block 1, ..., block N], as in HF `hidden_states`), without the CLS token unless
-    `keep_cls`. Blocks after the selected layer are not run. `hidden_states` returns all of them.
+    [embeddings, block 1, ..., block N], as in HF `hidden_states`), passed through the final norm
+    when `feature_norm`, without the CLS token unless `keep_cls`. Blocks after the selected layer are not run. `hidden_states` returns all of them.
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -142,6 +142,8 @@ class ViT(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.hidden_states(pixels, self.config.num_selected_blocks)[-1]
+        if self.config.feature_norm:
+            features = self.post_layernorm(features)
         return features if self.config.keep_cls else features[:, self.num_prefix_tokens :]
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
