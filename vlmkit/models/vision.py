@@ -107,7 +107,8 @@ class ViT(nn.Module):
 
     `forward` returns the features a VLM consumes: the hidden state at `select_layer` (index into
     [embeddings, block 1, ..., block N], as in HF `hidden_states`), passed through the final norm
-    when `feature_norm`, without the CLS token unless `keep_cls`. Blocks after the selected layer are not run. `hidden_states` returns all of them.
+    when `feature_norm`, without the CLS token unless `keep_cls`. Blocks after the selected layer
+    are not run. `hidden_states` returns all of them.
     """
 
     def __init__(self, cfg: VisionConfig):
