@@ -72,17 +72,7 @@ def make_batch(batch_size: int, image_tokens: int, image_size: int, seed: int = 
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
 
 
-def time_steps(step, steps: int) -> float:
-    step()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def bench(model, loss_fn, steps: int, bf16: bool) -> float:
+def make_step(model, loss_fn, bf16: bool):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -94,7 +84,21 @@ def bench(model, loss_fn, steps: int, bf16: bool) -> float:
         loss.backward()
         opt.step()
 
-    return time_steps(step, steps)
+    return step
+
+
+def time_round_robin(steps: dict, rounds: int) -> dict:
+    """Median seconds per step for each candidate, measured in interleaved rounds so that drift in
+    machine speed (frequency, other load) hits every candidate alike."""
+    for step in steps.values():
+        step()  # warm-up (allocations, kernel selection)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -105,34 +109,36 @@ def main() -> None:
     args = parser.parse_args()
     bf16 = not args.fp32
     torch.manual_seed(0)
-    rows = []
-
     def report(name: str, seconds: float, batch: dict) -> dict:
         tokens = int(batch["attention_mask"].sum())
         row = {"name": name, "s_per_step": seconds, "samples_per_s": args.batch_size / seconds,
                "tokens_per_s": tokens / seconds}
-        rows.append(row)
         print(f"{name:42} {seconds * 1000:8.1f} ms/step {row['samples_per_s']:8.1f} samples/s "
               f"{row['tokens_per_s']:9.0f} tokens/s", flush=True)
         return row
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}, median of {args.steps} steps")
-    results = {}
+          f"{'bf16 autocast' if bf16 else 'fp32'}, median of {args.steps} interleaved rounds")
+    candidates, batches = {}, {}
     for connector in ("mlp2x_gelu", "pixel_shuffle"):
         cfg = demo_model_config(connector)
         ours = VisionLanguageModel(cfg)
         batch = make_batch(args.batch_size, ours.tokens_per_image, cfg.vision.image_size)
-        seconds = bench(ours, lambda m, b=batch: m(b["input_ids"], b["pixel_values"], labels=b["labels"],
-                                                    logits=False).loss, args.steps, bf16)
-        results[connector] = report(f"vlmkit ({connector}, {ours.tokens_per_image} img tokens)", seconds, batch)
+        name = f"vlmkit ({connector}, {ours.tokens_per_image} img tokens)"
+        candidates[name] = make_step(ours, lambda m, b=batch: m(b["input_ids"], b["pixel_values"], labels=b["labels"],
+                                                               logits=False).loss, bf16)
+        batches[name] = batch
     cfg = demo_model_config("mlp2x_gelu")
     batch = make_batch(args.batch_size, 64, cfg.vision.image_size)
-    peers = []
     for attn in ("sdpa", "eager"):
-        llava = llava_model(cfg, attn)
-        seconds = bench(llava, lambda m: m(**batch).loss, args.steps, bf16)
-        peers.append(report(f"transformers Llava (attn={attn}, 64 img tokens)", seconds, batch))
+        name = f"transformers Llava (attn={attn}, 64 img tokens)"
+        candidates[name] = make_step(llava_model(cfg, attn), lambda m: m(**batch).loss, bf16)
+        batches[name] = batch
+    seconds = time_round_robin(candidates, args.steps)
+    rows = {name: report(name, seconds[name], batches[name]) for name in candidates}
+    peers = [row for name, row in rows.items() if name.startswith("transformers")]
+    results = {"mlp2x_gelu": rows[next(n for n in rows if "mlp2x_gelu" in n)],
+               "pixel_shuffle": rows[next(n for n in rows if "pixel_shuffle" in n)]}
     peer = max(peers, key=lambda r: r["samples_per_s"])
     print(f"\npeer = {peer['name']}")
     same = results["mlp2x_gelu"]

@@ -156,7 +156,11 @@ class ChatFormat:
         return Encoded(ids, labels, images)
 
     def prompt(self, question: str, with_image: bool = True) -> Encoded:
-        """A single-turn user prompt ending with the assistant header."""
+        """A single-turn user prompt ending with the assistant header.
+
+        The image comes first, then a newline, then the question: the layout of LLaVA records
+        (``"<image>\nWhat ..."``), so prompts at inference match what training saw.
+        """
         content = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": question})
+        content.append({"type": "text", "text": ("\n" if with_image else "") + question})
         return self.encode([{"role": "user", "content": content}], add_generation_prompt=True)

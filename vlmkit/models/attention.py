@@ -18,11 +18,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         impl = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    # Scale q rather than the scores: [.., L, d] is smaller than [.., L, L] once L > d.
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     if causal and mask is None:
         n, m = q.shape[-2], k.shape[-2]
         mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in fp32: bf16 exponentials lose too much precision over a row.
-    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
