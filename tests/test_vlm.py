@@ -3,15 +3,9 @@ import torch
 
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.eval.generation import left_pad
 from vlmkit.models.language import IGNORE_INDEX
 from vlmkit.models.vlm import ImagePlaceholderError, VisionLanguageModel
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def test_splice_puts_image_embeddings_exactly_at_placeholders(tiny_model, tokenizer):
