@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vlmkit import __version__
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(args._module).run(args) or 0
     except (UserError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("VLMKIT_DEBUG"):  # full traceback when chasing a bug
+            raise
         print(f"vlmkit {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
