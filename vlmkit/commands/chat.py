@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
 
     from vlmkit.data.images import load_image
     from vlmkit.data.tokenizer import Tokenizer
+    from vlmkit.device import resolve_device
     from vlmkit.eval.generation import Answerer
     from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
-    from vlmkit.train.trainer import resolve_device
 
     model_dir = resolve_model_dir(args.model_dir)
     device = resolve_device(args.device)

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmkit.device import resolve_device
     from vlmkit.eval.run_eval import evaluate, print_report
-    from vlmkit.train.trainer import resolve_device
 
     results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size,
                        str(resolve_device(args.device)), args.out)

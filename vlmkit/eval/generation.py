@@ -10,6 +10,7 @@ import torch
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.device import autocast
 from vlmkit.models.vlm import VisionLanguageModel
 
 
@@ -47,8 +48,7 @@ class Answerer:
             ids, mask = left_pad([prompts[i] for i in chunk], self.tok.pad_id)
             pixels = [images[i] for i in chunk if images[i] is not None]
             pixel_values = torch.stack(pixels).to(self.device) if pixels else None
-            use_bf16 = self.precision == "bf16"
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(self.device, self.precision):
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), pixel_values,
                                           max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_id,
                                           temperature=self.temperature, top_p=self.top_p)

@@ -11,7 +11,6 @@ Run directory layout:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -28,6 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.device import autocast, resolve_device
 from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
 from vlmkit.train.config import RunConfig, load_run_config, run_config_to_dict
@@ -36,18 +36,6 @@ from vlmkit.train.stages import STAGE_CLASSES, Stage
 
 log = logging.getLogger("vlmkit.train")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
