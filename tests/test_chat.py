@@ -206,3 +206,15 @@ def test_text_only_format_refuses_images(tokenizer):
     assert chat.prompt("hi", with_image=False).input_ids[-1] != tokenizer.image_id
     with pytest.raises(ConversationError, match="no vision tower"):
         chat.prompt("what is this?")
+
+
+def test_tokenizer_without_template_or_chatml_tokens_is_refused():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                            show_progress=False))
+    with pytest.raises(ValueError, match="no chat template"):
+        ChatFormat(Tokenizer(backend, pad_token=None, eos_token="</s>"))
