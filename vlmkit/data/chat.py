@@ -221,15 +221,11 @@ class ChatFormat:
     def _find_end_of_turn(self) -> int:
         """The special token that closes an assistant turn (generation stops there); else the eos token."""
         try:
-            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-            text = self.render(probe)
-            start, end = self._assistant_span(probe, 1, text, whole=True)
+            labels = self.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]).labels
         except ConversationError:
             return self.tok.eos_id
-        encoding = self.tok.backend.encode(text, add_special_tokens=False)
-        closing = [i for i, (first, _) in zip(encoding.ids, encoding.offsets)
-                   if start <= first < end and i in self._special_ids]
-        return closing[-1] if closing else self.tok.eos_id
+        supervised = [x for x in labels if x != IGNORE_INDEX]
+        return supervised[-1] if supervised and supervised[-1] in self._special_ids else self.tok.eos_id
 
 
 class _GenerationTag(Extension):
