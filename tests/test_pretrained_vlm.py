@@ -133,3 +133,15 @@ def test_chat_with_a_plain_hf_language_model(parts, capsys):
     assert main(["chat", str(lm_dir), "--device", "cpu", "--max-new-tokens", "5", "what color is the square?"]) == 0
     assert main(["chat", str(lm_dir), "--image", "x.png", "hello"]) == 1
     assert "language model without a vision tower" in capsys.readouterr().err
+
+
+def test_pretrained_tower_and_clip_stage_tower_conflict(parts, tmp_path):
+    from vlmkit.config import ConfigError
+    from vlmkit.train.recipe import stage_config
+    from vlmkit.train.trainer import Trainer
+
+    model = {"vision": {"pretrained": str(parts["vision"])}, "lm": {"pretrained": str(parts["lm"])}}
+    recipe = {**RECIPE, "model": model}
+    cfg = stage_config(recipe, "align", [f"out={tmp_path}", f"data.root={parts['data']}", "vision_from=runs/clip"])
+    with pytest.raises(ConfigError, match="either vision_from .* or model.vision.pretrained"):
+        Trainer(cfg)
