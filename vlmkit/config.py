@@ -81,7 +81,9 @@ def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -
 class VisionConfig:
     """A ViT. Defaults are a tiny from-scratch tower; loaders fill in CLIP/SigLIP/DINOv2 values."""
 
-    image_size: int = 64
+    image_size: int = 64  # what images are resized to
+    # The size the position embeddings were trained at (default: image_size); other sizes interpolate them.
+    native_image_size: int | None = None
     patch_size: int = 8
     num_channels: int = 3
     hidden_size: int = 192
@@ -104,13 +106,16 @@ class VisionConfig:
     keep_cls: bool = False  # whether the CLS token is passed on to the connector
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pretrained: str | None = None  # the HF checkpoint directory a VLM's tower is built from (see models/pretrained.py)
 
     def __post_init__(self) -> None:
         _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"vision.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision.image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        for name in ("image_size", "native_image_size"):
+            size = getattr(self, name)
+            if size is not None and size % self.patch_size:
+                raise ConfigError(f"vision.{name} {size} not divisible by patch_size {self.patch_size}")
         if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
             raise ConfigError(f"vision.select_layer {self.select_layer} out of range for {self.num_layers} layers")
         if self.feature_norm and not self.post_layernorm:
@@ -122,6 +127,11 @@ class VisionConfig:
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def native_grid_size(self) -> int:
+        """Side of the patch grid the position embeddings are stored for."""
+        return (self.native_image_size or self.image_size) // self.patch_size
 
     @property
     def num_selected_blocks(self) -> int:
@@ -145,6 +155,7 @@ class LanguageConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    pretrained: str | None = None  # the HF checkpoint directory a VLM's LM is built from (see models/pretrained.py)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -1,12 +1,17 @@
 """Mapping between Hugging Face checkpoint formats and vlmkit modules (configs and weight names).
 
-Pure functions on dicts: no `transformers` import. A rule table per family renames HF keys to ours;
-keys no rule covers are reported, never silently dropped.
+Pure functions on dicts: no `transformers` import (reading directories is `vlmkit/models/pretrained.py`).
+A rule table per family pairs an HF key template with ours: `{i}` stands for a layer index and
+`{a|b}` for one of the listed names, matched in the same order on both sides, and a template ending
+in "." covers every key below it. The same table renames in both directions (loading, and export to
+HF formats). Keys no rule covers are reported, never silently dropped.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -14,56 +19,125 @@ import torch
 from vlmkit.config import ConfigError, LanguageConfig, VisionConfig
 
 LM_TYPES = ("llama", "qwen2")
-VISION_TYPES = ("clip", "clip_vision_model")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
-Rules = list[tuple[str, str]]
+Rules = list[tuple[str, str]]  # (HF key template, vlmkit key template)
+StateDict = dict[str, torch.Tensor]
 
 LM_RULES: Rules = [
-    (r"^model\.embed_tokens\.", "embed_tokens."),
-    (r"^model\.norm\.", "norm."),
-    (r"^lm_head\.", "lm_head."),
-    (r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"layers.\1.attn.\2_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.", r"layers.\1.mlp.\2_proj."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.input_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.post_attention_norm."),
+    ("model.embed_tokens.", "embed_tokens."),
+    ("model.norm.", "norm."),
+    ("lm_head.", "lm_head."),
+    ("model.layers.{i}.self_attn.{q|k|v|o}_proj.", "layers.{i}.attn.{q|k|v|o}_proj."),
+    ("model.layers.{i}.mlp.{gate|up|down}_proj.", "layers.{i}.mlp.{gate|up|down}_proj."),
+    ("model.layers.{i}.input_layernorm.", "layers.{i}.input_norm."),
+    ("model.layers.{i}.post_attention_layernorm.", "layers.{i}.post_attention_norm."),
 ]
 
+# CLIP and SigLIP towers share their layout (SigLIP lacks the CLS token and the pre-norm).
 CLIP_VISION_RULES: Rules = [
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.proj."),
-    (r"^embeddings\.position_embedding\.weight$", "embeddings.position_embedding"),
-    (r"^pre_layrnorm\.", "pre_layernorm."),
-    (r"^post_layernorm\.", "post_layernorm."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.", r"blocks.\1.attn.\2_proj."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.(fc[12])\.", r"blocks.\1.mlp.\2."),
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.patch_embedding.", "embeddings.proj."),
+    ("embeddings.position_embedding.weight", "embeddings.position_embedding"),
+    ("pre_layrnorm.", "pre_layernorm."),
+    ("post_layernorm.", "post_layernorm."),
+    ("encoder.layers.{i}.self_attn.{q|k|v|out}_proj.", "blocks.{i}.attn.{q|k|v|out}_proj."),
+    ("encoder.layers.{i}.layer_norm{1|2}.", "blocks.{i}.norm{1|2}."),
+    ("encoder.layers.{i}.mlp.{fc1|fc2}.", "blocks.{i}.mlp.{fc1|fc2}."),
+]
+
+DINOV2_RULES: Rules = [
+    ("embeddings.cls_token", "embeddings.cls_token"),  # stored [1, 1, D], ours [D]
+    ("embeddings.position_embeddings", "embeddings.position_embedding"),  # stored [1, N, D], ours [N, D]
+    ("embeddings.patch_embeddings.projection.", "embeddings.proj."),
+    ("encoder.layer.{i}.norm{1|2}.", "blocks.{i}.norm{1|2}."),
+    ("encoder.layer.{i}.attention.attention.query.", "blocks.{i}.attn.q_proj."),
+    ("encoder.layer.{i}.attention.attention.key.", "blocks.{i}.attn.k_proj."),
+    ("encoder.layer.{i}.attention.attention.value.", "blocks.{i}.attn.v_proj."),
+    ("encoder.layer.{i}.attention.output.dense.", "blocks.{i}.attn.out_proj."),
+    ("encoder.layer.{i}.layer_scale{1|2}.lambda1", "blocks.{i}.ls{1|2}.scale"),
+    ("encoder.layer.{i}.mlp.{fc1|fc2}.", "blocks.{i}.mlp.{fc1|fc2}."),
+    ("layernorm.", "post_layernorm."),
+    # transformers >= 5 names these modules so in memory (checkpoints on disk keep the names above).
+    ("encoder.layer.{i}.attention.{q|k|v}_proj.", "blocks.{i}.attn.{q|k|v}_proj."),
+    ("encoder.layer.{i}.attention.o_proj.", "blocks.{i}.attn.out_proj."),
 ]
 
 # Buffers some HF versions store that carry no learned information.
 IGNORED_KEYS = (r"\.position_ids$", r"rotary_emb\.inv_freq$")
 
 
+@dataclass(frozen=True)
+class VisionFamily:
+    """How one HF vision family's checkpoints map onto our ViT."""
+
+    name: str
+    tower_type: str  # model_type of a vision-tower-only checkpoint
+    full_type: str  # model_type of a dual-encoder checkpoint: its tower is `vision_config` + `vision_model.*`
+    rules: Rules
+    ignored: tuple[str, ...] = ()  # checkpoint keys with nothing to load into (regexes)
+    # Our keys the checkpoint stores with extra leading singleton dimensions: key -> how many.
+    batched: tuple[tuple[str, int], ...] = ()
+
+
+CLIP = VisionFamily("clip", "clip_vision_model", "clip", CLIP_VISION_RULES)
+# SigLIP's attention-pooling head gives one vector per image; a VLM reads the patch features instead.
+SIGLIP = VisionFamily("siglip", "siglip_vision_model", "siglip", CLIP_VISION_RULES, ignored=(r"^head\.",))
+DINOV2 = VisionFamily("dinov2", "dinov2", "dinov2", DINOV2_RULES, ignored=(r"^embeddings\.mask_token$",),
+                      batched=(("embeddings.cls_token", 2), ("embeddings.position_embedding", 1)))
+VISION_FAMILIES = {t: f for f in (CLIP, SIGLIP, DINOV2) for t in (f.tower_type, f.full_type)}
+VISION_TYPES = tuple(VISION_FAMILIES)
+
+
 class WeightMappingError(ValueError):
     """Checkpoint weights do not fit the module: lists what is missing or unexpected."""
 
 
-StateDict = dict[str, torch.Tensor]
+# -- key renaming ------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 
-def rename_keys(state_dict: StateDict, rules: Rules, source: str = "checkpoint") -> StateDict:
-    """Apply the first matching rule to every key; keys no rule matches are an error."""
+@cache
+def _template_regex(template: str) -> re.Pattern:
+    parts, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        parts.append(re.escape(template[pos : m.start()]))
+        body = m.group(1)
+        parts.append(r"(\d+)" if body == "i" else "(" + "|".join(map(re.escape, body.split("|"))) + ")")
+        pos = m.end()
+    parts.append(re.escape(template[pos:]))
+    # "a.b." covers a whole subtree; anything else names exactly one key.
+    return re.compile("".join(parts) + ("(.*)" if template.endswith(".") else "()") + "$")
+
+
+def _fill(template: str, values: tuple[str, ...]) -> str:
+    it = iter(values)
+    return _PLACEHOLDER.sub(lambda _: next(it), template)
+
+
+def rename_keys(state_dict: StateDict, rules: Rules, source: str = "checkpoint", *, to_hf: bool = False,
+                ignored: tuple[str, ...] = ()) -> StateDict:
+    """Rename every key by the first rule that matches it (HF -> ours, or ours -> HF with `to_hf`).
+
+    Keys matching `ignored` (or the always-ignored buffers) are dropped; keys no rule matches are an
+    error naming them.
+    """
     renamed, unmatched = {}, []
     for key, value in state_dict.items():
-        if any(re.search(p, key) for p in IGNORED_KEYS):
+        if any(re.search(p, key) for p in IGNORED_KEYS + tuple(ignored)):
             continue
-        for pattern, replacement in rules:
-            new, count = re.subn(pattern, replacement, key)
-            if count:
-                renamed[new] = value
+        for hf, ours in rules:
+            src, dst = (ours, hf) if to_hf else (hf, ours)
+            m = _template_regex(src).match(key)
+            if m:
+                *values, rest = m.groups()
+                renamed[_fill(dst, tuple(values)) + rest] = value
                 break
         else:
             unmatched.append(key)
@@ -74,18 +148,18 @@ def rename_keys(state_dict: StateDict, rules: Rules, source: str = "checkpoint")
 
 def load_into(module: torch.nn.Module, state_dict: StateDict, source: str = "checkpoint") -> None:
     """Strict load with a readable error listing missing and unexpected weights."""
-    expected = set(module.state_dict())
+    expected = module.state_dict()
     tied = {"lm_head.weight"} if getattr(getattr(module, "config", None), "tie_word_embeddings", False) else set()
-    missing = sorted(expected - set(state_dict) - tied)
-    unexpected = sorted(set(state_dict) - expected)
+    missing = sorted(set(expected) - set(state_dict) - tied)
+    unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise WeightMappingError(
             f"{source}: missing weights {_preview(missing)}; unexpected weights {_preview(unexpected)}"
         )
     mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(module.state_dict()[k].shape)}"
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
-        if tuple(v.shape) != tuple(module.state_dict()[k].shape)
+        if tuple(v.shape) != tuple(expected[k].shape)
     ]
     if mismatched:
         raise WeightMappingError(f"{source}: shape mismatch: {_preview(mismatched)}")
@@ -93,8 +167,11 @@ def load_into(module: torch.nn.Module, state_dict: StateDict, source: str = "che
 
 
 def _preview(items: list[str], limit: int = 8) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    more = f" ... and {len(items) - limit} more ({len(items)} in all)" if len(items) > limit else ""
     return (", ".join(items[:limit]) or "none") + more
+
+
+# -- configs -----------------------------------------------------------------------------------
 
 
 def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
@@ -118,6 +195,12 @@ def lm_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Langu
         raise ConfigError(f"{source}: unsupported language model_type {model_type!r}; supported: {list(LM_TYPES)}")
     if cfg.get("mlp_bias"):
         raise ConfigError(f"{source}: mlp_bias=true is not supported")
+    if model_type == "llama" and cfg.get("attention_bias"):
+        raise ConfigError(f"{source}: attention_bias=true is not supported (it also puts a bias on o_proj)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+    if cfg.get("use_sliding_window"):
+        raise ConfigError(f"{source}: use_sliding_window=true is not supported")
     heads = _require(cfg, "num_attention_heads", source)
     hidden = _require(cfg, "hidden_size", source)
     return LanguageConfig(
@@ -132,49 +215,78 @@ def lm_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> Langu
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        qkv_bias=model_type == "qwen2",
     )
+
+
+def vision_family(cfg: dict[str, Any], source: str = "config.json") -> tuple[VisionFamily, dict[str, Any]]:
+    """The family of an HF vision config and the tower's own settings (nested ones for dual encoders)."""
+    model_type = cfg.get("model_type")
+    family = VISION_FAMILIES.get(model_type)
+    if family is None:
+        raise ConfigError(f"{source}: unsupported vision model_type {model_type!r}; supported: {list(VISION_TYPES)}")
+    if model_type != family.tower_type:
+        cfg = {**(cfg.get("vision_config") or {}), "model_type": family.tower_type}
+    return family, cfg
+
+
+def _activation(cfg: dict[str, Any], default: str, source: str) -> str:
+    act = cfg.get("hidden_act", default)
+    if act not in HF_ACTIVATIONS:
+        raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: {sorted(HF_ACTIVATIONS)}")
+    return HF_ACTIVATIONS[act]
 
 
 def vision_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> VisionConfig:
-    model_type = cfg.get("model_type")
-    if model_type == "clip":  # a full CLIP checkpoint: the tower's settings are nested
-        cfg = {**cfg.get("vision_config", {}), "model_type": "clip_vision_model"}
-        model_type = "clip_vision_model"
-    if model_type not in VISION_TYPES:
-        raise ConfigError(f"{source}: unsupported vision model_type {model_type!r}; supported: {list(VISION_TYPES)}")
-    act = cfg.get("hidden_act", "quick_gelu")
-    if act not in HF_ACTIVATIONS:
-        raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: {sorted(HF_ACTIVATIONS)}")
-    return VisionConfig(
-        image_size=cfg.get("image_size", 224),
-        patch_size=cfg.get("patch_size", 32),
-        num_channels=cfg.get("num_channels", 3),
-        hidden_size=cfg.get("hidden_size", 768),
-        num_layers=cfg.get("num_hidden_layers", 12),
-        num_heads=cfg.get("num_attention_heads", 12),
-        intermediate_size=cfg.get("intermediate_size", 3072),
-        activation=HF_ACTIVATIONS[act],
-        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
-        use_cls_token=True,
-        patch_bias=False,
-        pre_layernorm=True,
-        post_layernorm=True,
-        feature_norm=False,
-        select_layer=-2,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+    """Our ViT settings for an HF CLIP / SigLIP / DINOv2 config (tower-only or dual-encoder).
+
+    Features are LLaVA's: the raw penultimate layer (`select_layer: -2`, no final norm), without CLS.
+    """
+    family, cfg = vision_family(cfg, source)
+    size = cfg.get("image_size", 224)
+    common = dict(image_size=size, native_image_size=size, num_channels=cfg.get("num_channels", 3),
+                  hidden_size=cfg.get("hidden_size", 768), num_layers=cfg.get("num_hidden_layers", 12),
+                  num_heads=cfg.get("num_attention_heads", 12), feature_norm=False, select_layer=-2,
+                  post_layernorm=True)
+    if family is CLIP:
+        return VisionConfig(**common, patch_size=cfg.get("patch_size", 32),
+                            intermediate_size=cfg.get("intermediate_size", 3072),
+                            activation=_activation(cfg, "quick_gelu", source),
+                            layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), use_cls_token=True, patch_bias=False,
+                            pre_layernorm=True, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    if family is SIGLIP:
+        return VisionConfig(**common, patch_size=cfg.get("patch_size", 16),
+                            intermediate_size=cfg.get("intermediate_size", 3072),
+                            activation=_activation(cfg, "gelu_pytorch_tanh", source),
+                            layer_norm_eps=cfg.get("layer_norm_eps", 1e-6), use_cls_token=False, patch_bias=True,
+                            pre_layernorm=False, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    for key, supported in (("use_swiglu_ffn", False), ("qkv_bias", True)):
+        if cfg.get(key, supported) != supported:
+            raise ConfigError(f"{source}: DINOv2 with {key}={cfg[key]} is not supported")
+    return VisionConfig(**common, patch_size=cfg.get("patch_size", 14),
+                        intermediate_size=int(common["hidden_size"] * cfg.get("mlp_ratio", 4)),
+                        activation=_activation(cfg, "gelu", source), layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
+                        use_cls_token=True, patch_bias=True, pre_layernorm=False, layerscale=True,
+                        layerscale_init=cfg.get("layerscale_value", 1.0), image_mean=IMAGENET_MEAN,
+                        image_std=IMAGENET_STD)
+
+
+# -- weights -----------------------------------------------------------------------------------
 
 
 def lm_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint") -> StateDict:
     return rename_keys(state_dict, LM_RULES, source)
 
 
-def vision_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint") -> StateDict:
-    # A full CLIP checkpoint (and older CLIPVisionModel saves) nest the tower under `vision_model.`;
-    # the text tower and projections beside it are not needed.
+def vision_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint",
+                              family: VisionFamily = CLIP) -> StateDict:
+    # Dual-encoder checkpoints (and CLIP/SigLIP tower saves before transformers 5) nest the tower
+    # under `vision_model.`; the text tower and projections beside it are not needed.
     prefix = "vision_model."
     if any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return rename_keys(state_dict, CLIP_VISION_RULES, source)
+    renamed = rename_keys(state_dict, family.rules, source, ignored=family.ignored)
+    for key, dims in family.batched:
+        if key in renamed and renamed[key].shape[:dims] == (1,) * dims:
+            renamed[key] = renamed[key].reshape(renamed[key].shape[dims:])
+    return renamed

@@ -24,9 +24,9 @@ class PatchEmbedding(nn.Module):
         self.patch_size = cfg.patch_size
         self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02) if cfg.use_cls_token else None
-        num_positions = cfg.grid_size**2 + (1 if cfg.use_cls_token else 0)
+        num_positions = cfg.native_grid_size**2 + (1 if cfg.use_cls_token else 0)
         self.position_embedding = nn.Parameter(torch.randn(num_positions, cfg.hidden_size) * 0.02)
-        self.base_grid = cfg.grid_size
+        self.base_grid = cfg.native_grid_size
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.proj(pixels).flatten(2).transpose(1, 2)  # [B, P, D]
@@ -37,6 +37,8 @@ class PatchEmbedding(nn.Module):
         return x + pos.to(x.dtype)
 
     def positions_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a (rows, cols) patch grid: bicubic (align_corners=False, in fp32)
+        resampling of the stored grid, as transformers' DINOv2 does; the stored ones at the native size."""
         if grid == (self.base_grid, self.base_grid):
             return self.position_embedding
         n_prefix = 0 if self.cls_token is None else 1
