@@ -105,7 +105,8 @@ def check_smollm2(directory: Path) -> None:
     ref_answer = ref_tok.decode(ref_ids, skip_special_tokens=True)
     report(f"smollm2 vlmkit greedy answer to {QUESTION!r} ({len(answer_ids)} tokens, {seconds:.2f} s)",
            repr(answer), "Paris" in answer)
-    report("smollm2 same answer from transformers (GGUF) greedy", repr(ref_answer), ref_answer.strip() == answer.strip())
+    report("smollm2 same answer from transformers (GGUF) greedy", repr(ref_answer),
+           ref_answer.strip() == answer.strip())
 
 
 def astronaut_pixels(size: int = 224) -> np.ndarray:

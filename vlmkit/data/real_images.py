@@ -27,6 +27,10 @@ EMOJI_FONT_SIZE = 109  # the only size the font's colour bitmaps come in
 # combining marks render as colour swatches or letters, not as pictures of their name.
 EMOJI_RANGES = ((0x00A9, 0x00AE), (0x203C, 0x3299), (0x1F000, 0x1F1E5), (0x1F200, 0x1F3FA), (0x1F400, 0x1FAFF))
 NOT_PICTURES = ("COMBINING", "FITZPATRICK", "REGIONAL INDICATOR", "CJK", "IDEOGRAPH", "KATAKANA", "VARIATION")
+# In Unicode names "black"/"white" often mean a filled/outlined glyph, not the colour the colour font
+# draws (HEAVY BLACK HEART is red). They are kept only where the picture has that colour.
+TRUE_COLOUR_WORDS = ("square", "circle", "flag", "chess", "hair")
+COLOUR_NAMES = {0x2764: "red heart", 0x2B50: "yellow star", 0x1F5A4: "black heart", 0x1F90D: "white heart"}
 TYPOGRAPHIC = {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u00a0": " "}
 
 WHAT_QUESTIONS = ("What is shown in this picture?", "What is this?", "Describe the picture briefly.")
@@ -44,7 +48,9 @@ class Item:
     def label(self) -> str:
         """The caption as a noun phrase for questions: "A frog." -> "a frog"."""
         text = self.caption.rstrip(".!")
-        return text[:1].lower() + text[1:] if not text[:2].isupper() else text
+        first_word = text.split(" ", 1)[0]
+        acronym = len(first_word) > 1 and first_word.isupper()  # "US 1 cent piece" stays as it is
+        return text if acronym else text[:1].lower() + text[1:]
 
 
 def clean_caption(text: str) -> str:
@@ -60,17 +66,27 @@ def clean_caption(text: str) -> str:
 
 
 def with_article(noun_phrase: str) -> str:
-    """ "grinning face" -> "A grinning face" (a/an by the first letter; good enough for emoji names)."""
-    article = "An" if noun_phrase[:1].lower() in "aeiou" else "A"
-    return f"{article} {noun_phrase}"
+    """ "grinning face" -> "A grinning face"; "egg" -> "An egg"; "european castle" -> "A european castle"."""
+    lower = noun_phrase.lower()
+    vowel_sound = lower[:1] in "aeiou" and not lower.startswith(("eu", "uni", "one", "use"))
+    return f"{'An' if vowel_sound else 'A'} {noun_phrase}"
 
 
 def emoji_name(char: str) -> str | None:
-    """The readable name of a single-code-point emoji, or None if it is not a picture of its name."""
+    """The readable name of a single-code-point emoji, or None if it is not a picture of its name.
+
+    "GRINNING FACE" -> "grinning face"; typographic "black"/"white" are dropped ("BLACK SCISSORS" ->
+    "scissors") except on shapes, flags and the like that are drawn in that colour.
+    """
     name = unicodedata.name(char, "")
     if not name or any(word in name for word in NOT_PICTURES):
         return None
-    return name.lower()
+    if ord(char) in COLOUR_NAMES:
+        return COLOUR_NAMES[ord(char)]
+    name = name.lower().removeprefix("emoji component ")
+    if not any(word in name for word in TRUE_COLOUR_WORDS):
+        name = re.sub(r"\b(black|white) ", "", name)
+    return name
 
 
 def split_of(caption: str, test_fraction: float = 0.1) -> str:
@@ -93,7 +109,8 @@ def emoji_items(font_path: Path = EMOJI_FONT) -> Iterator[tuple[Item, Image.Imag
             image = render_emoji(chr(code), font)
             if image is None:
                 continue
-            yield Item(f"emoji/{code:x}", clean_caption(with_article(name)), "emoji", f"U+{code:04X}"), image
+            slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+            yield Item(f"emoji/{code:x}-{slug}", clean_caption(with_article(name)), "emoji", f"U+{code:04X}"), image
 
 
 def render_emoji(char: str, font: ImageFont.FreeTypeFont) -> Image.Image | None:
