@@ -17,6 +17,8 @@ Writes, atomically, into OUT:
   forgetting: simple prompts answered greedily by the imported SmolLM2-135M-Instruct itself
   (self-distillation: the answers are the model's own, not checked facts); answers that hit the
   token limit are dropped;
+- with `--mix-shapes SHAPES_DIR` (a `vlmkit synth` output), `instruct_mix_train.json`: the real-image
+  train questions plus shapes-world's train conversations (image paths relative to OUT), shuffled;
 - `summary.json`: counts and sources.
 The test part (TEST_FRACTION of captions, chosen by a hash of the caption) is held out of train.
 """
@@ -121,6 +123,22 @@ def write_image_records(out: Path, items: list[tuple[Item, str]], test_fraction:
     return counts
 
 
+def write_shapes_mix(out: Path, final_out: Path, shapes_dir: Path, limit: int | None, seed: int) -> dict:
+    """Real-image train questions + shapes-world train conversations in one LLaVA file rooted at OUT."""
+    shapes = json.loads((shapes_dir / "train.json").read_text())
+    rng = random.Random(f"{seed}-mix")
+    if limit is not None and len(shapes) > limit:
+        shapes = rng.sample(shapes, limit)
+    relative = Path(os.path.relpath(shapes_dir.resolve(), final_out.resolve()))
+    for record in shapes:  # paths are written relative to the final OUT, not the temporary directory
+        record["image"] = (relative / record["image"]).as_posix()
+    real = json.loads((out / "instruct_train.json").read_text())
+    mixed = real + shapes
+    rng.shuffle(mixed)
+    (out / "instruct_mix_train.json").write_text(json.dumps(mixed, indent=1, ensure_ascii=False))
+    return {"real": len(real), "shapes": len(shapes), "shapes_dir": str(shapes_dir)}
+
+
 def chat_prompts(n: int, seed: int) -> list[str]:
     every = [template.format(word) for template, words in TEMPLATES for word in words]
     rng = random.Random(seed)
@@ -157,6 +175,9 @@ def main() -> int:
     p.add_argument("--chat-prompts", type=int, default=300, help="text-only prompts (0: no text-only set)")
     p.add_argument("--chat-max-new-tokens", type=int, default=96)
     p.add_argument("--lm", help="the SmolLM2 directory answering the chat prompts (default: `vlmkit import smollm2`)")
+    p.add_argument("--mix-shapes", metavar="SHAPES_DIR", help="also write instruct_mix_train.json with this "
+                   "shapes-world dataset's train conversations")
+    p.add_argument("--mix-shapes-max", type=int, help="at most this many shapes-world conversations in the mix")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing missing packages")
     args = p.parse_args()
 
@@ -169,6 +190,9 @@ def main() -> int:
         items = collect_images(tmp, args.image_size)
         summary["counts"] = write_image_records(tmp, items, args.test_fraction, args.seed)
         summary["image_seconds"] = round(time.perf_counter() - started, 1)
+        if args.mix_shapes:
+            summary["mix"] = write_shapes_mix(tmp, Path(args.out), Path(args.mix_shapes), args.mix_shapes_max,
+                                              args.seed)
         if args.chat_prompts > 0:
             from vlmkit.importers import import_model
 

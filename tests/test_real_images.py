@@ -143,3 +143,20 @@ def test_chat_prompts_are_deterministic_and_distinct():
     prompts = script.chat_prompts(100, seed=3)
     assert prompts == script.chat_prompts(100, seed=3) and len(set(prompts)) == 100
     assert prompts != script.chat_prompts(100, seed=4)
+
+
+def test_shapes_mix_points_at_the_shapes_images_from_the_final_directory(tmp_path):
+    script = _script()
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    records = [{"image": f"images/{i:06d}.png", "conversations": []} for i in range(10)]
+    (shapes / "train.json").write_text(json.dumps(records))
+    staging, final = tmp_path / ".real.tmp", tmp_path / "real"
+    staging.mkdir()
+    (staging / "instruct_train.json").write_text(json.dumps([{"image": "images/emoji/x.png", "conversations": []}]))
+    counts = script.write_shapes_mix(staging, final, shapes, limit=4, seed=0)
+    assert (counts["real"], counts["shapes"]) == (1, 4)
+    mixed = json.loads((staging / "instruct_mix_train.json").read_text())
+    assert len(mixed) == 5
+    shape_paths = [r["image"] for r in mixed if "emoji" not in r["image"]]
+    assert all((final / p).resolve().parent == (shapes / "images").resolve() for p in shape_paths)
