@@ -4,6 +4,8 @@ from vlmkit.data.chat import ChatFormat, ConversationError
 from vlmkit.data.tokenizer import IMAGE_TOKEN, Tokenizer, train_tokenizer
 from vlmkit.models.language import IGNORE_INDEX
 
+from .conftest import CORPUS
+
 LLAVA_RECORD = {
     "image": "x.png",
     "conversations": [
@@ -100,3 +102,107 @@ def test_train_tokenizer_respects_vocab_size():
     tok = train_tokenizer(["hello world"] * 10 + ["abc def ghi"] * 10, vocab_size=280)
     assert tok.vocab_size <= 280
     assert tok.decode(tok.encode("hello abc")) == "hello abc"
+
+
+# -- chat templates: token ids equal transformers' apply_chat_template -----------------------------
+
+SMOLLM2_TEMPLATE = (  # SmolLM2-Instruct's ChatML, with a default system prompt
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-Instruct's: contents are trimmed, turns end with <|eot_id|>
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+ZEPHYR_TEMPLATE = (  # block tags on their own lines: exercises trim_blocks / lstrip_blocks
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+# name -> (template, special tokens, what the supervised tokens of CONVERSATION decode to)
+TEMPLATES = {
+    "chatml": (SMOLLM2_TEMPLATE, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"},
+               " green <|im_end|>three<|im_end|>"),
+    "llama3": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+               "green<|eot_id|>three<|eot_id|>"),
+    "zephyr": (ZEPHYR_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}, " green </s>three</s>"),
+}
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "<image>\nwhat color is the square?"},
+    {"role": "assistant", "content": " green "},  # surrounding spaces: Llama-3's template trims them
+    {"role": "user", "content": "how many objects?"},
+    {"role": "assistant", "content": "three"},
+]
+
+
+@pytest.fixture(scope="module", params=sorted(TEMPLATES))
+def hf_tokenizer_dir(request, tmp_path_factory):
+    """A transformers tokenizer (its own files, as save_pretrained writes them) with one chat template."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    template, specials, expected = TEMPLATES[request.param]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    special_tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                      "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>",
+                      "<image>"]
+    backend.train_from_iterator(CORPUS + ["system user assistant answer briefly You are a helpful"] * 20,
+                                trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                    show_progress=False))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **specials)
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    return path, ref, expected
+
+
+def _hf_ids(ref, messages, **kwargs):
+    out = ref.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_rendered_ids_equal_transformers_apply_chat_template(hf_tokenizer_dir):
+    path, ref, _ = hf_tokenizer_dir
+    chat = ChatFormat(Tokenizer.load(path), image_tokens=1)
+    for n in range(1, len(CONVERSATION) + 1):
+        messages = CONVERSATION[:n]
+        assert chat.encode(messages).input_ids == _hf_ids(ref, messages), n
+        assert chat.encode(messages, add_generation_prompt=True).input_ids == _hf_ids(
+            ref, messages, add_generation_prompt=True), n
+    no_system = CONVERSATION[1:]  # SmolLM2's template then adds its default system prompt
+    assert chat.encode(no_system).input_ids == _hf_ids(ref, no_system)
+
+
+def test_labels_cover_exactly_answers_and_end_of_turn(hf_tokenizer_dir):
+    path, ref, expected = hf_tokenizer_dir
+    tok = Tokenizer.load(path)
+    enc = ChatFormat(tok, image_tokens=5).encode(CONVERSATION)
+    supervised = [x for x in enc.labels if x != IGNORE_INDEX]
+    assert tok.decode(supervised, skip_special_tokens=False) == expected
+    # Supervised tokens form one contiguous run per answer, each ending with the end-of-turn token.
+    runs = "".join("x" if x != IGNORE_INDEX else "." for x in enc.labels).split(".")
+    assert len([r for r in runs if r]) == 2
+    assert enc.num_images == 1 and enc.input_ids.count(tok.image_id) == 5
+    assert ChatFormat(tok).end_of_turn_id == tok.backend.token_to_id(expected.rsplit("three")[1])
+
+
+def test_builtin_chatml_equals_transformers_for_our_tokenizer(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer.save(tmp_path)
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "<image>\nwhat color is the square?"},
+                {"role": "assistant", "content": "green"}]
+    assert ChatFormat(tokenizer, image_tokens=1).encode(messages).input_ids == _hf_ids(ref, messages)
+
+
+def test_text_only_format_refuses_images(tokenizer):
+    chat = ChatFormat(tokenizer)
+    assert chat.prompt("hi", with_image=False).input_ids[-1] != tokenizer.image_id
+    with pytest.raises(ConversationError, match="no vision tower"):
+        chat.prompt("what is this?")

@@ -1,4 +1,8 @@
-"""`vlmkit chat MODEL_DIR [--image PATH] "question"`: one answer from a trained model."""
+"""`vlmkit chat MODEL_DIR [--image PATH] "question"`: one answer from a trained model or a pretrained LM.
+
+MODEL_DIR is a vlmkit model or training run directory, or a Hugging Face language-model directory
+(Llama / Qwen2 with its tokenizer), which answers text-only questions with its own chat template.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a model directory or a training run directory")
+    p.add_argument("model_dir", help="a model directory, a training run directory, or an HF language model directory")
     p.add_argument("question")
     p.add_argument("--image", help="an image file the question is about")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -19,16 +23,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from vlmkit.cli import UserError
     from vlmkit.data.images import load_image
-    from vlmkit.data.tokenizer import Tokenizer
     from vlmkit.device import resolve_device
     from vlmkit.eval.generation import Answerer
+    from vlmkit.models.pretrained import load_language_model, load_tokenizer, read_config
     from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)
     device = resolve_device(args.device)
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
-    answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
+    if read_config(model_dir).get("format") == "vlmkit":
+        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    elif args.image:
+        raise UserError(f"{model_dir} is a language model without a vision tower: --image needs a VLM")
+    else:
+        model = load_language_model(model_dir).to(device)
+    answerer = Answerer(model, load_tokenizer(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p)
     image = answerer.processor(load_image(args.image)) if args.image else None
     torch.manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""Chat template (ChatML), `<image>` placeholder expansion and assistant-only label masking.
+"""Chat templates, `<image>` placeholder expansion and assistant-only label masking.
 
 Accepted conversation shapes:
 
@@ -7,14 +7,31 @@ Accepted conversation shapes:
 * LLaVA records: ``{"image": "x.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
   {"from": "gpt", "value": "..."}]}``.
 
-Rendered as ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message. Labels are -100 everywhere
-except the assistant's content and its closing ``<|im_end|>`` (so the model learns to stop).
+A conversation is rendered by the tokenizer's chat template (Jinja, in a sandbox, with the settings
+transformers uses, so token ids equal `apply_chat_template`'s), with each image written as the
+`<image>` token; the whole text is tokenized at once and every `<image>` then expands to as many
+placeholders as the connector emits tokens. Our own tokenizers use ChatML
+(``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message).
+
+Labels are -100 everywhere except the assistant's content and the special token that closes its
+turn (so the model learns to stop). Assistant turns are found by rendering prefixes of the
+conversation: the text a turn adds after the generation prompt, up to its end-of-turn token.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.language import IGNORE_INDEX
@@ -99,32 +116,31 @@ def _content_parts(content: Any, index: int, image_tag: str) -> list:
 
 
 class ChatFormat:
-    """Encodes conversations for a tokenizer and a fixed number of tokens per image."""
+    """Encodes conversations with a tokenizer's chat template and a fixed number of tokens per image.
 
-    def __init__(self, tokenizer: Tokenizer, image_tokens: int, system_prompt: str | None = None):
-        if image_tokens < 1:
+    `image_tokens` is None for a text-only model (an image in a conversation is then an error).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_tokens: int | None = None, system_prompt: str | None = None):
+        if image_tokens is not None and image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
         self.tok = tokenizer
         self.image_tokens = image_tokens
         self.system_prompt = system_prompt
-        self._newline = tokenizer.encode("\n")
-        self._headers: dict[str, list[int]] = {}
+        self.template = compile_template(tokenizer.chat_template)
+        self._special_ids = tokenizer.special_ids
+        self._template_vars = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token,
+                               "pad_token": tokenizer.pad_token,
+                               "unk_token": tokenizer.extra_config.get("unk_token") or ""}
+        self.end_of_turn_id = self._find_end_of_turn()
 
-    def _header(self, role: str) -> list[int]:
-        if role not in self._headers:
-            self._headers[role] = [self.tok.im_start_id] + self.tok.encode(f"{role}\n")
-        return self._headers[role]
-
-    def _body(self, parts: list) -> tuple[list[int], int]:
-        ids: list[int] = []
-        images = 0
-        for part in parts:
-            if part is IMAGE:
-                ids.extend([self.tok.image_id] * self.image_tokens)
-                images += 1
-            else:
-                ids.extend(self.tok.encode(part))
-        return ids, images
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The template's text for `[{"role": ..., "content": str}, ...]`."""
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self._template_vars)
+        except jinja2.TemplateError as err:
+            raise ConversationError(f"the chat template rejected the conversation: {err}") from None
 
     def encode(self, conversation: Any, add_generation_prompt: bool = False) -> Encoded:
         """Token ids and labels for a whole conversation.
@@ -135,32 +151,112 @@ class ChatFormat:
         messages = normalize_messages(conversation, self.tok.image_token)
         if self.system_prompt and (not messages or messages[0].role != "system"):
             messages.insert(0, Message("system", [self.system_prompt]))
-        ids: list[int] = []
-        labels: list[int] = []
-        images = 0
-        for msg in messages:
-            body, n = self._body(msg.parts)
-            images += n
-            header, end = self._header(msg.role), [self.tok.eos_id]
-            ids += header + body + end + self._newline
-            if msg.role == "assistant":
-                if n:
-                    raise ConversationError("an assistant message cannot contain an image")
-                labels += [IGNORE_INDEX] * len(header) + body + end + [IGNORE_INDEX] * len(self._newline)
-            else:
-                labels += [IGNORE_INDEX] * (len(header) + len(body) + 1 + len(self._newline))
-        if add_generation_prompt:
-            header = self._header("assistant")
-            ids += header
-            labels += [IGNORE_INDEX] * len(header)
-        return Encoded(ids, labels, images)
+        plain = [{"role": m.role, "content": self._text(m)} for m in messages]
+        text = self.render(plain, add_generation_prompt)
+        encoding = self.tok.backend.encode(text, add_special_tokens=False)
+        ids, labels = encoding.ids, [IGNORE_INDEX] * len(encoding.ids)
+        starts = [first for first, _ in encoding.offsets]
+        for i, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            span = self._assistant_span(plain, i, text, whole=i == len(plain) - 1 and not add_generation_prompt)
+            inside = range(bisect.bisect_left(starts, span[0]), bisect.bisect_left(starts, span[1]))
+            # The turn ends at its last special token (e.g. <|im_end|>); what follows is separator text.
+            closing = [j for j in inside if ids[j] in self._special_ids]
+            for j in range(inside.start, closing[-1] + 1 if closing else inside.stop):
+                labels[j] = ids[j]
+        return self._expand_images(ids, labels)
 
     def prompt(self, question: str, with_image: bool = True) -> Encoded:
         """A single-turn user prompt ending with the assistant header.
 
         The image comes first, then a newline, then the question: the layout of LLaVA records
-        (``"<image>\nWhat ..."``), so prompts at inference match what training saw.
+        (``"<image>\\nWhat ..."``), so prompts at inference match what training saw.
         """
         content = [{"type": "image"}] if with_image else []
         content.append({"type": "text", "text": ("\n" if with_image else "") + question})
         return self.encode([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _text(self, message: Message) -> str:
+        images = sum(part is IMAGE for part in message.parts)
+        if images and message.role == "assistant":
+            raise ConversationError("an assistant message cannot contain an image")
+        if images and self.image_tokens is None:
+            raise ConversationError("this model has no vision tower: a conversation with an image cannot be encoded")
+        if images and self.tok.image_id is None:
+            raise ConversationError(f"the tokenizer has no {self.tok.image_token!r} token (see add_image_token)")
+        return "".join(self.tok.image_token if part is IMAGE else part for part in message.parts)
+
+    def _assistant_span(self, messages: list[dict[str, str]], index: int, text: str,
+                        whole: bool = False) -> tuple[int, int]:
+        """Characters of `text` that assistant message `index` adds after its generation prompt.
+
+        `whole`: `text` is the rendering of exactly `messages[:index + 1]` (saves one rendering).
+        """
+        before = self.render(messages[:index], add_generation_prompt=True)
+        through = text if whole else self.render(messages[: index + 1])
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise ConversationError(
+                f"the chat template does not render message {index} (assistant) as an extension of the messages "
+                "before it, so its answer cannot be located for the loss")
+        return len(before), len(through)
+
+    def _expand_images(self, ids: list[int], labels: list[int]) -> Encoded:
+        image_id = self.tok.image_id
+        if image_id is None or image_id not in ids:
+            return Encoded(ids, labels, 0)
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        done = 0
+        for pos in [j for j, token in enumerate(ids) if token == image_id]:
+            out_ids += ids[done:pos] + [image_id] * self.image_tokens
+            out_labels += labels[done:pos] + [IGNORE_INDEX] * self.image_tokens
+            done = pos + 1
+        return Encoded(out_ids + ids[done:], out_labels + labels[done:], ids.count(image_id))
+
+    def _find_end_of_turn(self) -> int:
+        """The special token that closes an assistant turn (generation stops there); else the eos token."""
+        try:
+            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+            text = self.render(probe)
+            start, end = self._assistant_span(probe, 1, text, whole=True)
+        except ConversationError:
+            return self.tok.eos_id
+        encoding = self.tok.backend.encode(text, add_special_tokens=False)
+        closing = [i for i, (first, _) in zip(encoding.ids, encoding.offsets)
+                   if start <= first < end and i in self._special_ids]
+        return closing[-1] if closing else self.tok.eos_id
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers; rendered as is here."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.cache
+def compile_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers does: sandboxed, trim_blocks + lstrip_blocks, the
+    `raise_exception` / `strftime_now` helpers and a `tojson` that does not escape HTML."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"chat template: syntax error on line {err.lineno}: {err.message}") from None

@@ -1,4 +1,4 @@
-"""Batched, KV-cached answering of single-turn questions about images."""
+"""Batched, KV-cached answering of single-turn questions, about images or (text-only models) not."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from vlmkit.data.chat import ChatFormat
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
+from vlmkit.models.language import LanguageModel
 from vlmkit.models.vlm import VisionLanguageModel
 
 
@@ -25,15 +26,19 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 
 class Answerer:
-    """Answers questions about images with a VisionLanguageModel, in length-sorted batches."""
+    """Answers questions with a VisionLanguageModel (or a text-only LanguageModel), in length-sorted batches.
 
-    def __init__(self, model: VisionLanguageModel, tokenizer: Tokenizer, batch_size: int = 64,
+    Prompts follow the tokenizer's chat template; generation stops at the template's end-of-turn token.
+    """
+
+    def __init__(self, model: VisionLanguageModel | LanguageModel, tokenizer: Tokenizer, batch_size: int = 64,
                  max_new_tokens: int = 24, precision: str = "bf16", temperature: float = 0.0,
                  top_p: float = 1.0):
         self.model = model.eval()
         self.tok = tokenizer
-        self.chat = ChatFormat(tokenizer, model.tokens_per_image)
-        self.processor = ImageProcessor.from_vision_config(model.config.vision)
+        self.has_vision = isinstance(model, VisionLanguageModel)
+        self.chat = ChatFormat(tokenizer, model.tokens_per_image if self.has_vision else None)
+        self.processor = ImageProcessor.from_vision_config(model.config.vision) if self.has_vision else None
         self.batch_size, self.max_new_tokens, self.precision = batch_size, max_new_tokens, precision
         self.temperature, self.top_p = temperature, top_p
         self.device = next(model.parameters()).device
@@ -47,10 +52,10 @@ class Answerer:
             chunk = order[start : start + self.batch_size]
             ids, mask = left_pad([prompts[i] for i in chunk], self.tok.pad_id)
             pixels = [images[i] for i in chunk if images[i] is not None]
-            pixel_values = torch.stack(pixels).to(self.device) if pixels else None
+            extra = {"pixel_values": torch.stack(pixels).to(self.device) if pixels else None} if self.has_vision else {}
             with autocast(self.device, self.precision):
-                out = self.model.generate(ids.to(self.device), mask.to(self.device), pixel_values,
-                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.tok.eos_id,
+                out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
+                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.chat.end_of_turn_id,
                                           temperature=self.temperature, top_p=self.top_p)
             for i, tokens in zip(chunk, out):
                 answers[i] = self.tok.decode(tokens).strip()

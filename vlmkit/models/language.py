@@ -224,3 +224,67 @@ class LanguageModel(nn.Module):
         if logits.shape[0] == 0:
             return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph valid
         return F.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Generate up to `max_new_tokens` per row; rows are left-padded prompts (ids or embeddings).
+
+        Greedy when `temperature` == 0, else temperature + nucleus (top-p) sampling. Returns each
+        row's new tokens, cut before the first `eos_token_id`.
+        """
+        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, prompt_len, _ = embeds.shape
+        device = embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, prompt_len, dtype=torch.long, device=device)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+        mask = attention_mask.long()
+        cache = self.new_cache(b, prompt_len + max_new_tokens, dtype=embeds.dtype) if use_cache else None
+        hidden = self(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits=False).hidden_states[:, -1]
+        new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            next_token = _pick(self.lm_head(hidden).float(), temperature, top_p, generator)
+            new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+            if eos_token_id is not None:
+                done |= next_token == eos_token_id
+                if bool(done.all()):
+                    break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            step = self.embed_tokens(next_token[:, None])
+            if cache is not None:
+                out = self(inputs_embeds=step, attention_mask=mask, cache=cache, logits=False)
+            else:
+                embeds = torch.cat([embeds, step], dim=1)
+                out = self(inputs_embeds=embeds, attention_mask=mask, logits=False)
+            hidden = out.hidden_states[:, -1]
+        return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from vlmkit.config import ConfigError, LanguageConfig, VisionConfig, from_dict, to_dict
+from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.hub import (
     StateDict,
@@ -30,6 +30,7 @@ from vlmkit.models.hub import (
 )
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vision import ViT
+from vlmkit.models.vlm import VisionLanguageModel
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -164,3 +165,40 @@ def load_language_model(path: str | Path, **overrides: Any) -> LanguageModel:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from `tokenizer.json` + `tokenizer_config.json` (special tokens, chat template)."""
     return Tokenizer.load(path)
+
+
+# -- VLMs from pretrained parts ----------------------------------------------------------------
+
+
+def model_config_from_parts(model: dict[str, Any], vocab_size: int, image_token_id: int,
+                            where: str = "model") -> ModelConfig:
+    """A ModelConfig from a run config's `model:` section whose `vision` and/or `lm` may name HF
+    checkpoint directories (`pretrained: DIR`).
+
+    A pretrained part's settings come from its checkpoint; the section's other keys override them
+    (e.g. `select_layer`, `image_size`). The LM's vocabulary grows to `vocab_size` when the tokenizer
+    has more tokens than the checkpoint (the added `<image>`); parts without `pretrained` are built
+    from the section alone, with the tokenizer's vocabulary.
+    """
+    data = dict(model)
+    vision = dict(data.get("vision") or {})
+    if vision.get("pretrained"):
+        data["vision"] = {**to_dict(vision_config_from_dir(vision["pretrained"])), **vision}
+    lm = dict(data.get("lm") or {})
+    if lm.get("pretrained"):
+        base = to_dict(lm_config_from_dir(lm["pretrained"]))
+        lm = {**base, **lm, "vocab_size": max(base["vocab_size"], vocab_size)}
+    else:
+        lm["vocab_size"] = vocab_size
+    return ModelConfig.from_dict({**data, "lm": lm, "image_token_id": image_token_id}, where)
+
+
+def build_vlm(cfg: ModelConfig) -> VisionLanguageModel:
+    """A VisionLanguageModel whose vision tower and LM start from the checkpoints their configs name
+    (`pretrained`), and from random weights otherwise; the connector always starts random."""
+    model = VisionLanguageModel(cfg)
+    if cfg.vision.pretrained:
+        load_vision_weights(model.vision, cfg.vision.pretrained)
+    if cfg.lm.pretrained:
+        load_lm_weights(model.lm, cfg.lm.pretrained)
+    return model

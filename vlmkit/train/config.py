@@ -44,10 +44,11 @@ class OptimConfig:
 class RunConfig:
     stage: str = "instruct"
     out: str = "runs/run"
-    model: dict[str, Any] = field(default_factory=dict)  # a ModelConfig (from-scratch models)
+    # A ModelConfig; `vision` and `lm` may each name an HF checkpoint (`pretrained: DIR`) to start from.
+    model: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)  # clip stage: the text tower's LanguageConfig
     clip_embed_dim: int = 128
-    tokenizer: str | None = None  # directory with tokenizer.json
+    tokenizer: str | None = None  # directory with tokenizer.json (default: model.lm.pretrained)
     init_from: str | None = None  # a previous stage's run/model dir whose weights start this stage
     vision_from: str | None = None  # a clip-stage run whose vision tower the VLM starts from
     data: DataConfig = field(default_factory=DataConfig)
@@ -70,9 +71,14 @@ class RunConfig:
         self.optim.betas = tuple(self.optim.betas)
 
     def model_config(self, vocab_size: int, image_token_id: int) -> ModelConfig:
-        data = {**self.model, "image_token_id": image_token_id}
-        data["lm"] = {**data.get("lm", {}), "vocab_size": vocab_size}
-        return ModelConfig.from_dict(data, "model")
+        from vlmkit.models.pretrained import model_config_from_parts
+
+        return model_config_from_parts(self.model, vocab_size, image_token_id)
+
+    @property
+    def pretrained_lm(self) -> str | None:
+        lm = self.model.get("lm")
+        return lm.get("pretrained") if isinstance(lm, dict) else None
 
     def text_config(self, vocab_size: int) -> LanguageConfig:
         return from_dict(LanguageConfig, {**self.text, "vocab_size": vocab_size}, "text")

@@ -7,11 +7,13 @@ instruct -- VLM; connector + LM train (vision optionally), on conversations
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vlmkit.config import ConfigError
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.datasets import (
     ConversationDataset,
@@ -25,8 +27,11 @@ from vlmkit.data.images import ImageProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.hub import load_into
+from vlmkit.models.pretrained import build_vlm, load_vision_weights
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 from vlmkit.train.config import RunConfig
+
+log = logging.getLogger("vlmkit.train")
 
 
 def freeze(module: nn.Module, trainable: bool) -> None:
@@ -62,12 +67,14 @@ class ClipStage(Stage):
     name = "clip"
 
     def build_model(self) -> DualEncoder:
-        vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id).vision
+        vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id or 0).vision
         model_cfg = ClipConfig(vision=vision, text=self.cfg.text_config(self.tokenizer.vocab_size),
                                embed_dim=self.cfg.clip_embed_dim)
         model = DualEncoder(model_cfg)
         if self.cfg.init_from:
             model.load_state_dict(DualEncoder.from_pretrained(self.cfg.init_from).state_dict())
+        elif vision.pretrained:
+            load_vision_weights(model.vision, vision.pretrained)
         return model
 
     def set_trainable(self, model: nn.Module) -> None:
@@ -114,12 +121,24 @@ def clip_retrieval(model: DualEncoder, dataset, tokenizer: Tokenizer, limit: int
 
 
 class VLMStage(Stage):
-    """Shared by align and instruct: a VisionLanguageModel on conversations."""
+    """Shared by align and instruct: a VisionLanguageModel on conversations.
+
+    A pretrained tokenizer without the `<image>` placeholder gets it added (the LM's vocabulary grows
+    by one row to match; see `model_config_from_parts`).
+    """
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
+        super().__init__(cfg, tokenizer)
+        if tokenizer.add_image_token():
+            log.info("added %s to the tokenizer as id %d", tokenizer.image_token, tokenizer.image_id)
 
     def build_model(self) -> VisionLanguageModel:
         if self.cfg.init_from:
             return VisionLanguageModel.from_pretrained(self.cfg.init_from)
-        model = VisionLanguageModel(self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id))
+        model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id)
+        if self.cfg.vision_from and model_cfg.vision.pretrained:
+            raise ConfigError("set either vision_from (a clip-stage run) or model.vision.pretrained, not both")
+        model = build_vlm(model_cfg)
         if self.cfg.vision_from:
             clip = DualEncoder.from_pretrained(self.cfg.vision_from)
             load_into(model.vision, clip.vision.state_dict(), f"{resolve_model_dir(self.cfg.vision_from)}: vision")

@@ -109,7 +109,7 @@ class Trainer:
         self.state = TrainState()
 
     def _load_tokenizer(self) -> Tokenizer:
-        source = self.cfg.tokenizer or self.cfg.init_from or self.cfg.vision_from
+        source = self.cfg.tokenizer or self.cfg.init_from or self.cfg.pretrained_lm or self.cfg.vision_from
         if source is None:
             raise ValueError("no tokenizer: set `tokenizer:` to a directory with tokenizer.json")
         return Tokenizer.load(resolve_model_dir(source))
