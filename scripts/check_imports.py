@@ -6,7 +6,8 @@
    directory loaded by transformers: weights and logits; transformers' GGUF tokenizer vs ours.
 2. SmolLM2: vlmkit's own LM (`vlmkit.load_language_model` + `load_tokenizer`) vs transformers on the
    same prompt, and a greedy answer to "What is the capital of France?" that must mention Paris.
-3. DINOv2: ONNX Runtime's backbone output (the graph's final-LayerNorm output, added as a graph
+3. `vlmkit chat <smollm2-dir> "What is the capital of France?"` (text-only) mentions Paris.
+4. DINOv2: ONNX Runtime's backbone output (the graph's final-LayerNorm output, added as a graph
    output) vs transformers' Dinov2Model and vlmkit's ViT from the converted directory, on a real
    photo (scikit-image's astronaut, 224 px, ImageNet-normalised). Must agree within 1e-4.
 
@@ -17,6 +18,7 @@ Prints one line per measurement and exits 1 if a check fails.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +111,15 @@ def check_smollm2(directory: Path) -> None:
            ref_answer.strip() == answer.strip())
 
 
+def check_chat_command(directory: Path) -> None:
+    command = [sys.executable, "-m", "vlmkit.cli", "chat", str(directory), QUESTION]
+    t = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    answer = result.stdout.strip()
+    report(f"`vlmkit chat <smollm2> {QUESTION!r}` ({time.perf_counter() - t:.1f} s, exit {result.returncode})",
+           repr(answer or result.stderr.strip()[-200:]), result.returncode == 0 and "Paris" in answer)
+
+
 def astronaut_pixels(size: int = 224) -> np.ndarray:
     from PIL import Image
     from skimage import data
@@ -165,6 +176,8 @@ def main() -> int:
         directory, _ = import_model(name, out, log=lambda m: print(f"     ({m})"))
         print(f"== {name}: {directory}")
         check(directory)
+        if name == "smollm2":
+            check_chat_command(directory)
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
     return 1 if failures else 0
 
