@@ -1,6 +1,6 @@
 """Prepare real-image training data: emoji glyphs and Tux Paint stamps, plus a text-only chat set.
 
-    python scripts/prepare_real_data.py --out data/real [--image-size 224] [--chat-prompts 300]
+    python scripts/prepare_real_data.py --out data/real [--image-size 224] [--chat-prompts 256]
 
 Sources (Debian packages, installed here with apt-get when missing and running as root):
 - `fonts-noto-color-emoji`: every single-code-point emoji the font draws, named by `unicodedata`
@@ -62,6 +62,13 @@ TOPICS = ["rain", "the moon", "trees", "bicycles", "music", "the sea", "bread", 
 ACTIVITIES = ["sleeping well", "learning a language", "saving money", "staying healthy", "studying for a test",
               "making friends", "cooking rice", "keeping a plant alive", "writing an email", "running"]
 WORDS = ["happy", "quickly", "bright", "garden", "journey", "gentle", "window", "brave", "river", "curious"]
+TOOLS = ["a hammer", "an umbrella", "a spoon", "a ladder", "a broom", "a pencil", "a key", "a clock", "a map",
+         "a towel", "a bucket", "a needle", "a magnet", "a compass", "a flashlight"]
+HOW_TO = ["boil an egg", "tie a shoelace", "plant a seed", "wash my hands properly", "make a cup of tea",
+          "fold a shirt", "read a map", "write a thank-you note", "wake up earlier", "clean a window",
+          "start a conversation", "take care of a cat", "pack for a trip", "remember a phone number", "stay calm"]
+COLOURS = ["red", "yellow", "green", "orange", "purple", "blue", "brown", "white"]
+SUMS = [f"{a} plus {b}" for a, b in zip(range(2, 32), range(7, 97, 3))]
 TEMPLATES = [
     ("Tell me one fact about the {}.", ANIMALS),
     ("What does a {} eat?", ANIMALS),
@@ -71,6 +78,14 @@ TEMPLATES = [
     ("Give me one tip for {}.", ACTIVITIES),
     ("Write a sentence that uses the word '{}'.", WORDS),
     ("What is the opposite of '{}'?", WORDS),
+    ("Where does a {} live?", ANIMALS),
+    ("What sound does a {} make?", ANIMALS),
+    ("What is interesting about {}?", TOPICS),
+    ("Give me a synonym for '{}'.", WORDS),
+    ("What is {} used for?", TOOLS),
+    ("How do I {}?", HOW_TO),
+    ("Name a fruit that is {}.", COLOURS),
+    ("What is {}?", SUMS),
 ]
 
 
@@ -172,7 +187,7 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chat-prompts", type=int, default=300, help="text-only prompts (0: no text-only set)")
+    p.add_argument("--chat-prompts", type=int, default=256, help="text-only prompts (0: no text-only set)")
     p.add_argument("--chat-max-new-tokens", type=int, default=96)
     p.add_argument("--lm", help="the SmolLM2 directory answering the chat prompts (default: `vlmkit import smollm2`)")
     p.add_argument("--mix-shapes", metavar="SHAPES_DIR", help="also write instruct_mix_train.json with this "
