@@ -206,3 +206,39 @@ def test_text_only_format_refuses_images(tokenizer):
     assert chat.prompt("hi", with_image=False).input_ids[-1] != tokenizer.image_id
     with pytest.raises(ConversationError, match="no vision tower"):
         chat.prompt("what is this?")
+
+
+def test_tokenizer_without_template_or_chatml_tokens_is_refused():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                            show_progress=False))
+    with pytest.raises(ValueError, match="no chat template"):
+        ChatFormat(Tokenizer(backend, pad_token=None, eos_token="</s>"))
+
+
+@pytest.mark.parametrize("template,match", [
+    # The answer's position depends on the whole conversation: prefixes do not extend each other.
+    ("{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}",
+     "does not render message 1 \\(assistant\\) as an extension"),
+    ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message is required') }}{% endif %}",
+     "rejected the conversation: a system message is required"),
+])
+def test_template_problems_are_conversation_errors(tokenizer, template, match):
+    chat = ChatFormat(Tokenizer(tokenizer.backend, chat_template=template))
+    with pytest.raises(ConversationError, match=match):
+        chat.encode([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+
+
+def test_generation_blocks_and_tojson_render_as_transformers_does(tokenizer):
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+                "{{ m.content }}<|im_end|>{% endgeneration %}{% else %}{{ m.content | tojson }}<|im_end|>{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chat = ChatFormat(Tokenizer(tokenizer.backend, chat_template=template))
+    messages = [{"role": "user", "content": "<é>"}, {"role": "assistant", "content": "ok"}]
+    assert chat.render(messages) == '<|im_start|>user\n"<é>"<|im_end|><|im_start|>assistant\nok<|im_end|>'
+    enc = chat.encode(messages)
+    assert tokenizer.decode([x for x in enc.labels if x != IGNORE_INDEX], skip_special_tokens=False) == "ok<|im_end|>"

@@ -114,8 +114,12 @@ def test_dinov2_at_another_configured_size_interpolates_like_transformers(tmp_pa
     torch.manual_seed(0)
     ref = randomize(transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=70, patch_size=14)))
-    vit = vlmkit.load_vision_tower(save(ref, tmp_path / "dino"), image_size=28, select_layer=-1)
+    path = save(ref, tmp_path / "dino")
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
+                                                               "image_std": [0.4, 0.5, 0.6]}))
+    vit = vlmkit.load_vision_tower(path, image_size=28, select_layer=-1)
     assert vit.config.grid_size == 2 and vit.embeddings.position_embedding.shape == (26, 32)
+    assert vit.config.image_mean == (0.1, 0.2, 0.3) and vit.config.image_std == (0.4, 0.5, 0.6)
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         expected = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]

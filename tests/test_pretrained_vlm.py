@@ -8,6 +8,8 @@ import yaml
 import vlmkit
 from vlmkit.cli import main
 from vlmkit.commands.demo import tokenizer_texts
+from vlmkit.data.chat import ChatFormat
+from vlmkit.data.images import ImageProcessor
 from vlmkit.data.synthetic import write_dataset
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -99,6 +101,15 @@ def test_vlm_from_pretrained_parts_trains_and_chats(parts, capsys):
                  "What color is the star?"]) == 0
     assert capsys.readouterr().err == ""
 
+    # The result exports to transformers' Llava, which computes the same logits.
+    assert main(["export", "--format", "llava-hf", str(root / "instruct"), str(root / "llava")]) == 0
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
+    chat = ChatFormat(tok, instruct.tokens_per_image)
+    ids = torch.tensor([chat.prompt("What color is the star?").input_ids])
+    pixels = ImageProcessor.from_vision_config(instruct.config.vision)(image)[None]
+    with torch.no_grad():
+        assert (instruct.eval()(ids, pixels).logits - ref(input_ids=ids, pixel_values=pixels).logits).abs().max() < 1e-4
+
 
 def test_chat_with_a_plain_hf_language_model(parts, capsys):
     from vlmkit.eval.generation import Answerer
@@ -122,3 +133,15 @@ def test_chat_with_a_plain_hf_language_model(parts, capsys):
     assert main(["chat", str(lm_dir), "--device", "cpu", "--max-new-tokens", "5", "what color is the square?"]) == 0
     assert main(["chat", str(lm_dir), "--image", "x.png", "hello"]) == 1
     assert "language model without a vision tower" in capsys.readouterr().err
+
+
+def test_pretrained_tower_and_clip_stage_tower_conflict(parts, tmp_path):
+    from vlmkit.config import ConfigError
+    from vlmkit.train.recipe import stage_config
+    from vlmkit.train.trainer import Trainer
+
+    model = {"vision": {"pretrained": str(parts["vision"])}, "lm": {"pretrained": str(parts["lm"])}}
+    recipe = {**RECIPE, "model": model}
+    cfg = stage_config(recipe, "align", [f"out={tmp_path}", f"data.root={parts['data']}", "vision_from=runs/clip"])
+    with pytest.raises(ConfigError, match="either vision_from .* or model.vision.pretrained"):
+        Trainer(cfg)

@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
+                                "or a Hugging Face language model directory")
     device = resolve_device(args.device)
     if read_config(model_dir).get("format") == "vlmkit":
         model = VisionLanguageModel.from_pretrained(model_dir, device=device)

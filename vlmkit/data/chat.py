@@ -33,7 +33,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.tokenizer import CHATML_TEMPLATE, Tokenizer
 from vlmkit.models.language import IGNORE_INDEX
 
 IMAGE = object()  # marker for an image slot inside a message's content
@@ -124,11 +124,15 @@ class ChatFormat:
     def __init__(self, tokenizer: Tokenizer, image_tokens: int | None = None, system_prompt: str | None = None):
         if image_tokens is not None and image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {image_tokens}")
+        if tokenizer.chat_template == CHATML_TEMPLATE and tokenizer.im_start_id is None:
+            raise ValueError("the tokenizer has no chat template (chat_template in tokenizer_config.json, or "
+                             "chat_template.jinja) and no ChatML tokens to fall back on: add a chat template")
         self.tok = tokenizer
         self.image_tokens = image_tokens
         self.system_prompt = system_prompt
         self.template = compile_template(tokenizer.chat_template)
-        self._special_ids = tokenizer.special_ids
+        # Tokens that can close a turn; the eos token counts even where a converted tokenizer lost its flag.
+        self._special_ids = tokenizer.special_ids | {tokenizer.eos_id}
         self._template_vars = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token,
                                "pad_token": tokenizer.pad_token,
                                "unk_token": tokenizer.extra_config.get("unk_token") or ""}
@@ -217,15 +221,11 @@ class ChatFormat:
     def _find_end_of_turn(self) -> int:
         """The special token that closes an assistant turn (generation stops there); else the eos token."""
         try:
-            probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
-            text = self.render(probe)
-            start, end = self._assistant_span(probe, 1, text, whole=True)
+            labels = self.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]).labels
         except ConversationError:
             return self.tok.eos_id
-        encoding = self.tok.backend.encode(text, add_special_tokens=False)
-        closing = [i for i, (first, _) in zip(encoding.ids, encoding.offsets)
-                   if start <= first < end and i in self._special_ids]
-        return closing[-1] if closing else self.tok.eos_id
+        supervised = [x for x in labels if x != IGNORE_INDEX]
+        return supervised[-1] if supervised and supervised[-1] in self._special_ids else self.tok.eos_id
 
 
 class _GenerationTag(Extension):

@@ -71,7 +71,7 @@ def read_weights(directory: str | Path, keep: Callable[[str], bool] | None = Non
     tensors: StateDict = {}
     for path in weight_files(directory):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for key in f.keys():
                 if keep is None or keep(key):
                     tensors[key] = f.get_tensor(key)
     return tensors
