@@ -50,15 +50,23 @@ def check_hidden_states(ref_outputs, vit, pixels, normed_last=True):
     assert max_diff(ref_outputs.last_hidden_state, last) <= TOL
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["CLIPVisionModel", "CLIPModel"])
-def test_clip_tower_matches_transformers(tmp_path, full):
+def reference_tower(family: str, full: bool):
+    """A random transformers `{family}Model` (both towers) or `{family}VisionModel`, and its vision tower."""
     torch.manual_seed(0)
     if full:
-        ref = transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=TEXT))
+        config = getattr(transformers, f"{family}Config")(vision_config=VISION, text_config=TEXT)
+        ref = getattr(transformers, f"{family}Model")(config)
         tower = ref.vision_model
     else:
-        ref = tower = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+        config = getattr(transformers, f"{family}VisionConfig")(**VISION)
+        ref = tower = getattr(transformers, f"{family}VisionModel")(config)
     randomize(ref)
+    return ref, tower
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["CLIPVisionModel", "CLIPModel"])
+def test_clip_tower_matches_transformers(tmp_path, full):
+    ref, tower = reference_tower("CLIP", full)
     vit = vlmkit.load_vision_tower(save(ref, tmp_path / "clip"))
     assert vit.config.use_cls_token and vit.config.pre_layernorm and vit.config.activation == "quick_gelu"
     pixels = torch.randn(2, 3, 32, 32)
@@ -73,13 +81,7 @@ def test_clip_tower_matches_transformers(tmp_path, full):
 
 @pytest.mark.parametrize("full", [False, True], ids=["SiglipVisionModel", "SiglipModel"])
 def test_siglip_tower_matches_transformers(tmp_path, full):
-    torch.manual_seed(0)
-    if full:
-        ref = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
-        tower = ref.vision_model
-    else:
-        ref = tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION))
-    randomize(ref)
+    ref, tower = reference_tower("Siglip", full)
     vit = vlmkit.load_vision_tower(save(ref, tmp_path / "siglip"), select_layer=-1)
     cfg = vit.config
     assert not cfg.use_cls_token and cfg.patch_bias and cfg.activation == "gelu_tanh"
