@@ -128,7 +128,7 @@ def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None,
     model = VisionLanguageModel.from_pretrained(model_dir, device=device)
     tokenizer = Tokenizer.load(model_dir)
     answerer = Answerer(model, tokenizer, batch_size=batch_size, max_new_tokens=16)
-    captioner = Answerer(model, tokenizer, batch_size=batch_size, max_new_tokens=64)
+    captioner = Answerer(model, tokenizer, batch_size=batch_size, max_new_tokens=48)
 
     if instances is not None:
         if images is None:
