@@ -40,7 +40,7 @@ from vlmkit.eval.metrics import normalize_answer, parse_yes_no, score
 from vlmkit.eval.scene_shifts import SCENE_SHIFTS, shifted_scene
 
 CAPTION_PROMPT = CAPTION_PROMPTS[0]  # "Describe the image.", the first caption prompt of training data
-CAPTION_MAX_TOKENS = 64  # the longest training captions are about 40 tokens
+CAPTION_MAX_TOKENS = 48  # the longest demo training captions are 31 tokens
 CURVE_STYLES = (("accuracy", "o-", "VQA accuracy"), ("hallucination_rate", "s--", "hallucination rate"),
                 ("chair_i", "^:", "CHAIR-i"))
 CaptionScorer = Callable[[list[str], list[dict]], float]
