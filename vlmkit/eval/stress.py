@@ -146,7 +146,7 @@ def _measure(answerer: Answerer, condition: Condition, caption_scorer: CaptionSc
 
 def _curves(severities: Sequence[int], per_severity: list[dict], threshold: float) -> dict[str, Any]:
     curves: dict[str, Any] = {"severity": list(severities)}
-    for key in ("accuracy", "hallucination_rate", "chair_i", "n_questions"):
+    for key in ("accuracy", "hallucination_rate", "chair_i", "n_questions", "n_absent"):
         curves[key] = [m[key] for m in per_severity]
     curves["horizon"] = hallucination_horizon(severities, curves["hallucination_rate"], threshold)
     return curves
@@ -163,7 +163,8 @@ def run_stress(answerer: Answerer, data_root: str | Path, *, split: str = "test"
     data set's seed, the fresh scenes of the shifts. Returns ``{"threshold", "corruptions": {name:
     curves}, "scene_shifts": {name: curves}, "n_images", "seconds"}`` where curves are lists over
     `severities` (``severity``, ``accuracy``, ``hallucination_rate``, ``chair_i`` (None when not
-    scored), ``n_questions``) and ``horizon`` (`hallucination_horizon`).
+    scored), ``n_questions``, ``n_absent``: the absent-object questions behind the hallucination rate)
+    and ``horizon`` (`hallucination_horizon`).
     """
     t0 = time.perf_counter()
     data_root = Path(data_root)
