@@ -193,8 +193,12 @@ def test_modality_gap_of_a_saved_dual_encoder(tokenizer, tmp_path_factory):
     model_dir = root / "clip"
     model.save_pretrained(model_dir, tokenizer)
     out = modality_gap(model_dir, root, split="val", limit=5)
-    # Reference: the first five pairs of the file, encoded one by one.
-    pairs = [json.loads(line) for line in (root / "captions_val.jsonl").read_text().splitlines()][:5]
+    # Reference, encoded one by one: the first caption of each of the 3 val images, then two second captions.
+    rows = [json.loads(line) for line in (root / "captions_val.jsonl").read_text().splitlines()]
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    assert len(images) == 3
+    by_image = [[r for r in rows if r["image"] == image] for image in images]
+    pairs = [by_image[0][0], by_image[1][0], by_image[2][0], by_image[0][1], by_image[1][1]]
     processor = ImageProcessor.from_vision_config(cfg.vision)
     with torch.no_grad():
         img = torch.cat([model.encode_image(processor(load_image(root / p["image"]))[None]) for p in pairs])

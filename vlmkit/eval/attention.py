@@ -165,11 +165,23 @@ def gap_statistics(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> dic
     }
 
 
+def _spread_over_images(dataset: ImageTextDataset) -> list[int]:
+    """Dataset indices ordered by (caption number within its image, file order)."""
+    seen: dict[str, int] = {}
+    ranked = []
+    for i in range(len(dataset)):
+        key = dataset.image_key(i)
+        seen[key] = seen.get(key, -1) + 1
+        ranked.append((seen[key], i))
+    return [i for _, i in sorted(ranked)]
+
+
 @torch.no_grad()
 def modality_gap(clip_model_dir: Path, data_root: Path, *, split: str = "val", limit: int = 512,
                  batch_size: int = 128) -> dict:
-    """`gap_statistics` of a CLIP-stage dual encoder on the first `limit` caption pairs of
-    ``captions_{split}.jsonl`` (an image with several captions appears once per caption)."""
+    """`gap_statistics` of a CLIP-stage dual encoder on `limit` caption pairs of ``captions_{split}.jsonl``:
+    the first caption of every image (file order), then the second ones, and so on, so that up to
+    the number of images every pair shows a different image."""
     model_dir = resolve_model_dir(clip_model_dir)
     model = DualEncoder.from_pretrained(model_dir).eval()
     tokenizer = Tokenizer.load(model_dir)
@@ -178,11 +190,10 @@ def modality_gap(clip_model_dir: Path, data_root: Path, *, split: str = "val", l
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the modality gap needs caption pairs (vlmkit synth writes them)")
     dataset = ImageTextDataset(path, data_root, tokenizer, processor, model.config.text.max_position_embeddings)
-    count = min(limit, len(dataset))
+    chosen = _spread_over_images(dataset)[:limit]
     images, texts = [], []
-    for start in range(0, count, batch_size):
-        batch = collate_image_text([dataset[i] for i in range(start, min(count, start + batch_size))],
-                                   tokenizer.pad_id)
+    for start in range(0, len(chosen), batch_size):
+        batch = collate_image_text([dataset[i] for i in chosen[start : start + batch_size]], tokenizer.pad_id)
         images.append(model.encode_image(batch["pixel_values"]))
         texts.append(model.encode_text(batch["text_ids"], batch["text_mask"]))
     return {**gap_statistics(torch.cat(images), torch.cat(texts)), "split": split}
