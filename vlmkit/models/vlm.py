@@ -52,23 +52,27 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image tokens written over the `<image>` placeholder positions.
 
         Images are consumed in reading order: row by row, left to right. `image_counts[b]` (images
-        of sample b), when given, is checked against each row's placeholders.
+        of sample b), when given, is checked against each row's placeholders. `image_embeds`
+        (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to encode an image
+        shared by several rows only once.
         """
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
         per_row = is_image.sum(dim=1)
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_embeds = self.encode_images(pixel_values)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
         if num_images == 0:
             if bool(per_row.any()):
                 raise ImagePlaceholderError(
                     f"the batch has {int(per_row.sum())} image placeholder tokens but no images were given"
                 )
             return embeds
-        image_embeds = self.encode_images(pixel_values)
         t = image_embeds.shape[1]
         if image_counts is not None:
             counts = torch.as_tensor(image_counts, device=per_row.device)
@@ -112,6 +116,7 @@ class VisionLanguageModel(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        image_embeds: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Generate up to `max_new_tokens` per row; rows are left-padded prompts.
 
@@ -123,7 +128,7 @@ class VisionLanguageModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-        embeds = self.embed(input_ids, pixel_values, image_counts)
+        embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
         mask = attention_mask.long()
         cache = self.lm.new_cache(b, prompt_len + max_new_tokens, dtype=embeds.dtype) if use_cache else None
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits=False)
