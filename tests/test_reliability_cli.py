@@ -8,7 +8,9 @@ import torch
 from vlmkit.cli import main
 from vlmkit.config import LanguageConfig
 from vlmkit.data.synthetic import write_dataset
+from vlmkit.eval.corruptions import CORRUPTIONS
 from vlmkit.eval.reliability import SECTIONS, run_reliability
+from vlmkit.eval.scene_shifts import SCENE_SHIFTS
 from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -37,7 +39,7 @@ def runs(tmp_path, tokenizer):
 def test_reliability_suite_cli(runs, data_dir, capsys):
     run = runs / "instruct"
     assert main(["eval", str(run), "--suite", "reliability", "--data", str(data_dir), "--limit", "4",
-                 "--device", "cpu"]) == 0
+                 "--stress-severities", "0,5", "--device", "cpu"]) == 0
     summary = capsys.readouterr().out
     assert "| POPE adversarial: F1 / accuracy / yes-ratio / unparsed |" in summary
     assert "| CHAIR-i / CHAIR-s / object recall |" in summary
@@ -55,10 +57,22 @@ def test_reliability_suite_cli(runs, data_dir, capsys):
     assert report["swap"]["n_questions"] == 4
     assert report["meta"]["sizes"]["pope_images"] == 4
 
+    # The stress, attention and modality-gap sections, called through their interfaces.
+    stress = report["stress"]
+    assert set(stress["corruptions"]) == set(CORRUPTIONS) and set(stress["scene_shifts"]) == set(SCENE_SHIFTS)
+    for curve in [*stress["corruptions"].values(), *stress["scene_shifts"].values()]:
+        assert curve["severity"] == [0, 5] and "horizon" in curve
+        assert all(0 <= v <= 1 for v in curve["chair_i"])  # scored with the shapes-world CHAIR lexicon
+    assert "| Stress horizon: fog |" in summary
+    attention = report["attention"]
+    assert attention["correct"]["n_answers"] + attention["incorrect"]["n_answers"] == 4
+    gap = report["modality_gap"]
+    assert gap["clip_run"] == str(runs / "clip") and gap["n_pairs"] == 4 and gap["gap"] >= 0
+
     page = (run / "report.html").read_text()
     for name in ("pope", "chair", "blind", "swap", "stress", "attention", "modality_gap"):
         assert f"<h2 id='{name}'>" in page
-    assert page.count("data:image/png;base64,") >= 4  # POPE, CHAIR, blind, swap at least
+    assert page.count("data:image/png;base64,") == 6  # POPE, CHAIR, blind, swap, stress, attention
     assert "http://" not in page and "https://" not in page  # self-contained
 
 

@@ -25,7 +25,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="reliability: the image directory the --instances file names are relative to")
     p.add_argument("--chair-lexicon", help="reliability: JSON {object: [synonyms, plurals]} for CHAIR "
                                            "(default: built in for shapes-world, category names for --instances)")
+    p.add_argument("--stress-severities", type=_severities, default=(0, 1, 2, 3, 4, 5), metavar="S,S,...",
+                   help="reliability: corruption/shift severities to measure, e.g. 0,3,5 (default: 0,1,2,3,4,5)")
     p.add_argument("--seed", type=int, default=0, help="reliability: seed of every sampled probe")
+
+
+def _severities(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers 0..5, got {text!r}") from None
+    if not values or any(not 0 <= v <= 5 for v in values):
+        raise argparse.ArgumentTypeError(f"severities must be in 0..5, got {text!r}")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
         report = run_reliability(args.run_dir, data_root=args.data, split=args.split, limit=args.limit,
                                  instances=args.instances, images=args.images, chair_lexicon=args.chair_lexicon,
-                                 device=device, batch_size=args.batch_size, seed=args.seed, out_dir=args.out)
+                                 stress_severities=args.stress_severities, device=device,
+                                 batch_size=args.batch_size, seed=args.seed, out_dir=args.out)
         print(summary_markdown(report))
         return 0
     for flag in ("instances", "images", "chair_lexicon"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +117,12 @@ class _Timer:
 def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None, split: str = "test",
                     limit: int | None = None, instances: str | Path | None = None,
                     images: str | Path | None = None, chair_lexicon: str | Path | None = None,
-                    device: str = "cpu", batch_size: int = 64, seed: int = 0,
-                    out_dir: str | Path | None = None, html: bool = True) -> dict[str, Any]:
+                    stress_severities: Sequence[int] = (0, 1, 2, 3, 4, 5), device: str = "cpu",
+                    batch_size: int = 64, seed: int = 0, out_dir: str | Path | None = None,
+                    html: bool = True) -> dict[str, Any]:
     """Run every section, write ``report.json`` (and ``report.html``) to ``out_dir`` (default: the
-    run directory) and return the report."""
+    run directory) and return the report. ``stress_severities``: the severities the stress section
+    measures (it is the costliest section: each severity of 13 conditions answers every question)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     sizes = SuiteSizes.with_limit(limit)
@@ -146,6 +148,7 @@ def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None,
     report: dict[str, Any] = {
         "meta": {"model": str(model_dir), "data": str(root or dataset.image_root), "source": dataset.source,
                  "split": split, "seed": seed, "device": device, "sizes": asdict(sizes),
+                 "stress_severities": list(stress_severities),
                  "vlmkit_version": __version__},
     }
     with torch.inference_mode():
@@ -161,7 +164,8 @@ def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None,
         report["swap"] = timer.run("swap", lambda: _swap(answerer, dataset, asked, pool, original, seed))
 
     plots: dict[str, bytes] = {}
-    report["stress"] = timer.run("stress", lambda: _stress(answerer, root, dataset, split, sizes, seed))
+    report["stress"] = timer.run("stress", lambda: _stress(answerer, root, dataset, split, sizes.stress_images,
+                                                           stress_severities, seed))
     correct = [probes.is_correct(p, str(r["answer"])) for r, p in zip(asked, original)]
     report["attention"] = timer.run("attention", lambda: _attention(
         model, tokenizer, asked[:sizes.attention_records], dataset.image_root, correct[:sizes.attention_records]))
@@ -247,14 +251,14 @@ def _swap(answerer: Answerer, dataset: ObjectDataset, asked: list[dict], pool: l
     return section
 
 
-def _stress(answerer: Answerer, root: Path | None, dataset: ObjectDataset, split: str, sizes: SuiteSizes,
-            seed: int) -> dict[str, Any]:
+def _stress(answerer: Answerer, root: Path | None, dataset: ObjectDataset, split: str, n_images: int,
+            severities: Sequence[int], seed: int) -> dict[str, Any]:
     if dataset.source != "shapes-world" or root is None:
         return not_available("stress tests render shapes-world scenes; pass --data DIR with a shapes-world dataset")
     fn, why = optional_function("stress", "run_stress")
     if fn is None:
         return not_available(why)
-    return fn(answerer, root, split=split, limit=sizes.stress_images,
+    return fn(answerer, root, split=split, limit=n_images, severities=severities,
               caption_scorer=chair_lib.shapes_world_chair_i, seed=seed)
 
 

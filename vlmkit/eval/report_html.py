@@ -214,19 +214,23 @@ def _swap_html(s: Mapping[str, Any]) -> str:
     return table(["type", *cols], rows) + examples
 
 
+def _series(values: Sequence[Any] | None) -> str:
+    return " ".join(_num(v) for v in values or [])
+
+
 def _stress_html(s: Mapping[str, Any]) -> str:
-    out = f"<p>horizon: the breaking severity at threshold {_num(s.get('threshold'))} (see vlmkit.eval.stress)</p>"
+    out = (f"<p class='note'>Horizon: the first severity whose hallucination rate (\"yes\" to questions about "
+           f"absent objects) exceeds {_num(s.get('threshold'))}; none: never. {_num(s.get('n_images'))} images "
+           "per condition. Values are listed by severity.</p>")
     for group in ("corruptions", "scene_shifts"):
         curves = s.get(group) or {}
         if not curves:
             continue
-        rows = []
-        for name, c in curves.items():
-            acc = ", ".join(_num(a) for a in c.get("accuracy", []))
-            rows.append([name, "none" if c.get("horizon") is None else c["horizon"], acc,
-                         _num((c.get("chair_i") or [None])[-1]), _num((c.get("hallucination_rate") or [None])[-1])])
+        rows = [[name, "none" if c.get("horizon") is None else c["horizon"], _series(c.get("severity")),
+                 _series(c.get("accuracy")), _series(c.get("hallucination_rate")), _series(c.get("chair_i"))]
+                for name, c in curves.items()]
         out += f"<h3>{html.escape(group.replace('_', ' '))}</h3>" + table(
-            ["name", "horizon", "accuracy by severity", "CHAIR-i (last)", "hallucination rate (last)"], rows)
+            ["name", "horizon", "severity", "accuracy", "hallucination rate", "CHAIR-i"], rows)
     return out
 
 
