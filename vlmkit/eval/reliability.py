@@ -22,6 +22,7 @@ swap, images for stress, records for attention, pairs for the modality gap).
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -54,7 +55,7 @@ class SuiteSizes:
     pope_images: int = 100  # x 3 samplings x up to 2*3 questions (the "yes" ones shared)
     chair_images: int = 100
     blind_questions: int = 300  # each answered with its image, a blank and the mean image
-    stress_images: int = 60
+    stress_images: int = 40
     attention_records: int = 32
     gap_pairs: int = 256
 
@@ -103,15 +104,17 @@ def find_clip_run(run_dir: Path) -> Path | None:
 
 
 class _Timer:
+    """Times each section and reports progress on stderr (a full run takes minutes)."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 2)
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        print(f"[reliability] {name}: {self.seconds[name]:.1f}s", file=sys.stderr, flush=True)
+        return result
 
 
 def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None, split: str = "test",
