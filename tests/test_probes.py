@@ -15,7 +15,7 @@ from vlmkit.eval.probes import (
     swap_partners,
     swap_scores,
 )
-from vlmkit.eval.reliability import SuiteSizes, find_clip_run
+from vlmkit.eval.reliability import SuiteSizes, find_clip_run, optional_function
 
 
 def rec(i, image, question, answer, qtype):
@@ -118,3 +118,12 @@ def test_limit_replaces_every_size():
     assert set(vars(SuiteSizes.with_limit(7)).values()) == {7}
     with pytest.raises(ValueError, match="--limit must be >= 1"):
         SuiteSizes.with_limit(0)
+
+
+def test_missing_optional_sections_are_named():
+    fn, why = optional_function("no_such_module", "run")
+    assert fn is None and "vlmkit.eval.no_such_module cannot be imported" in why
+    fn, why = optional_function("stress", "no_such_function")
+    assert fn is None and why == "vlmkit.eval.stress has no no_such_function()"
+    fn, why = optional_function("stress", "run_stress")
+    assert callable(fn) and why == ""
