@@ -105,3 +105,18 @@ def test_suite_errors_are_one_line(runs, capsys, tmp_path):
     assert "--instances needs --images DIR" in capsys.readouterr().err
     assert main(["eval", str(runs / "instruct"), "--chair-lexicon", "x.json", "--device", "cpu"]) == 1
     assert "--chair-lexicon only applies with --suite reliability" in capsys.readouterr().err
+
+
+def test_a_failing_optional_section_keeps_the_rest(runs, data_dir, tmp_path, monkeypatch, capsys):
+    import vlmkit.eval.stress
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("corruption registry exploded")
+
+    monkeypatch.setattr(vlmkit.eval.stress, "run_stress", broken)
+    report = run_reliability(runs / "instruct", data_root=data_dir, limit=2, device="cpu", out_dir=tmp_path)
+    assert report["stress"] == {"status": "failed", "reason": "RuntimeError: corruption registry exploded"}
+    assert "[reliability] stress failed: RuntimeError: corruption registry exploded" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["pope"]["n_images"] == 2 and saved["attention"]["correct"] is not None
+    assert "failed: RuntimeError: corruption registry exploded" in (tmp_path / "report.html").read_text()

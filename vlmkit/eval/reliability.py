@@ -11,7 +11,9 @@ self-contained ``report.html``. Sections:
 - ``modality_gap``: image/text embedding geometry of the clip-stage tower the model started from.
 
 A section whose module is not installed, or that does not apply (no shapes-world data, no clip-stage
-run), is ``{"status": "not available", "reason": ...}``.
+run), is ``{"status": "not available", "reason": ...}``; one of the last three that raises is
+``{"status": "failed", "reason": ...}`` (and the error is printed), so a late failure never loses
+the results before it.
 
 Data comes from a shapes-world directory (default: the run's ``data.root``) or, for POPE, CHAIR and
 the blind/swap probes built on POPE questions, from a COCO-style ``instances`` JSON. Sizes: ``limit``
@@ -80,6 +82,16 @@ def optional_function(module: str, name: str) -> tuple[Callable | None, str]:
         return None, f"vlmkit.eval.{module} cannot be imported ({err})"
     fn = getattr(mod, name, None)
     return (fn, "") if callable(fn) else (None, f"vlmkit.eval.{module} has no {name}()")
+
+
+def _guarded(name: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or a ``{"status": "failed", "reason": ...}`` section (also printed) when it raises."""
+    try:
+        return fn()
+    except Exception as err:  # an optional section must not lose the results computed before it
+        reason = f"{type(err).__name__}: {err}"
+        print(f"[reliability] {name} failed: {reason}", file=sys.stderr, flush=True)
+        return {"status": "failed", "reason": reason}
 
 
 def find_clip_run(run_dir: Path) -> Path | None:
@@ -166,18 +178,23 @@ def run_reliability(run_dir: str | Path, *, data_root: str | Path | None = None,
         report["blind"], original = timer.run("blind", lambda: _blind(answerer, dataset, asked, pool, seed))
         report["swap"] = timer.run("swap", lambda: _swap(answerer, dataset, asked, pool, original, seed))
 
-    plots: dict[str, bytes] = {}
-    report["stress"] = timer.run("stress", lambda: _stress(answerer, root, dataset, split, sizes.stress_images,
-                                                           stress_severities, seed))
+    # The sections below come from optional modules: a failure is reported in its section, and the
+    # results above are still written.
+    report["stress"] = timer.run("stress", lambda: _guarded("stress", lambda: _stress(
+        answerer, root, dataset, split, sizes.stress_images, stress_severities, seed)))
     correct = [probes.is_correct(p, str(r["answer"])) for r, p in zip(asked, original)]
-    report["attention"] = timer.run("attention", lambda: _attention(
-        model, tokenizer, asked[:sizes.attention_records], dataset.image_root, correct[:sizes.attention_records]))
-    report["modality_gap"] = timer.run("modality_gap", lambda: _modality_gap(run_dir, root, sizes.gap_pairs))
+    n_att = sizes.attention_records
+    report["attention"] = timer.run("attention", lambda: _guarded("attention", lambda: _attention(
+        model, tokenizer, asked[:n_att], dataset.image_root, correct[:n_att])))
+    report["modality_gap"] = timer.run("modality_gap", lambda: _guarded("modality_gap", lambda: _modality_gap(
+        run_dir, root, sizes.gap_pairs)))
+    plots: dict[str, bytes] = {}
     for section, plotter in (("stress", "plot_stress"), ("attention", "plot_attention")):
-        if report[section].get("status") is None:
-            fn, _ = optional_function(section, plotter)
-            if fn is not None:
-                plots[section] = fn(report[section])
+        fn, _ = optional_function(section, plotter)
+        if report[section].get("status") is None and fn is not None and html:
+            png = _guarded(f"{section} plot", lambda fn=fn, section=section: fn(report[section]))
+            if isinstance(png, bytes):
+                plots[section] = png
 
     report["meta"]["seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started, 2)}
     out = Path(out_dir) if out_dir else run_dir
