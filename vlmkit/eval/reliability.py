@@ -57,7 +57,7 @@ class SuiteSizes:
     pope_images: int = 100  # x 3 samplings x up to 2*3 questions (the "yes" ones shared)
     chair_images: int = 100
     blind_questions: int = 300  # each answered with its image, a blank and the mean image
-    stress_images: int = 40
+    stress_images: int = 32
     attention_records: int = 32
     gap_pairs: int = 256
 

@@ -32,6 +32,12 @@ EXPLAIN = {
              "looks at the image falls to chance without it.",
     "swap": "Each question asked again on another image whose true answer differs. Grounding rate: the answer "
             "matches the new image's truth; changed rate: the answer differs from the original one.",
+    "attention": "Attention of each generated answer token on the image tokens (per LM layer, mean over heads) and "
+                 "its entropy, for blind-probe questions the model answered correctly vs incorrectly; uniform: the "
+                 "share that attention spread evenly over the prompt would give.",
+    "modality_gap": "Distance between the centroids of the normalised image and text embeddings of the clip-stage "
+                    "tower the model's vision encoder came from (0: one shared region), with the mean cosine of "
+                    "matched and unmatched image-caption pairs.",
 }
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -215,7 +221,7 @@ def _swap_html(s: Mapping[str, Any]) -> str:
 
 
 def _series(values: Sequence[Any] | None) -> str:
-    return " ".join(_num(v) for v in values or [])
+    return "\u00a0".join(_num(v) for v in values or [])  # a non-breaking space: one line per cell
 
 
 def _stress_html(s: Mapping[str, Any]) -> str:
