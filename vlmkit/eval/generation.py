@@ -44,22 +44,35 @@ class Answerer:
         self.device = next(model.parameters()).device
 
     def answer(self, questions: Sequence[str], images: Sequence[torch.Tensor | None]) -> list[str]:
-        """`images[i]` is a preprocessed [3, H, W] tensor, or None for a text-only question."""
+        """`images[i]` is a preprocessed [3, H, W] tensor, or None for a text-only question. Pass the
+        same tensor object for questions about one image: it then goes through the vision tower once
+        per call (its image tokens are kept until the call returns)."""
         prompts = [self.chat.prompt(q, with_image=img is not None).input_ids for q, img in zip(questions, images)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
+        encoded: dict[int, torch.Tensor] = {}  # id(image tensor) -> its image tokens, for this call
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             ids, mask = left_pad([prompts[i] for i in chunk], self.tok.pad_id)
             pixels = [images[i] for i in chunk if images[i] is not None]
-            extra = {"pixel_values": torch.stack(pixels).to(self.device) if pixels else None} if self.has_vision else {}
             with autocast(self.device, self.precision):
+                extra = {"image_embeds": self._image_tokens(pixels, encoded)} if self.has_vision else {}
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
                                           max_new_tokens=self.max_new_tokens, eos_token_id=self.chat.end_of_turn_id,
                                           temperature=self.temperature, top_p=self.top_p)
             for i, tokens in zip(chunk, out):
                 answers[i] = self.tok.decode(tokens).strip()
         return answers
+
+    def _image_tokens(self, pixels: list[torch.Tensor], encoded: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """Image tokens [N, T, D] for `pixels`, encoding only tensors not already in `encoded`."""
+        if not pixels:
+            return None
+        new = list({id(p): p for p in pixels if id(p) not in encoded}.values())
+        if new:
+            for p, tokens in zip(new, self.model.encode_images(torch.stack(new).to(self.device))):
+                encoded[id(p)] = tokens
+        return torch.stack([encoded[id(p)] for p in pixels])
 
     def answer_records(self, records: Sequence[dict], image_root: str | Path) -> list[str]:
         """Answer `{"image", "question"}` records; each distinct image is decoded once."""

@@ -3,18 +3,29 @@
 On CPU, PyTorch's fused SDPA kernel is 2-4x slower than plain matmul + softmax for the short
 sequences and bf16 autocast used here (fwd+bwd, measured at [64, 4, 41, 64]: 37 ms vs 8 ms). So
 half-precision inputs on CPU take the explicit path; everything else (fp32, CUDA) uses SDPA.
+
+For diagnostics, a `record` callback receives the attention probabilities; it forces the explicit
+path (fused kernels never materialise them) and costs nothing when not given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False, impl: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v. `mask` is boolean (True = may attend), broadcastable."""
-    if impl == "auto":
+              causal: bool = False, impl: str = "auto",
+              record: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v. `mask` is boolean (True = may attend), broadcastable.
+
+    `record`, when given, is called with the fp32 probabilities ``[B, H, Lq, Lk]`` (rows sum to 1).
+    """
+    if record is not None:
+        impl = "math"
+    elif impl == "auto":
         impl = "math" if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) else "sdpa"
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
@@ -26,4 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     # Softmax in fp32: bf16 exponentials lose too much precision over a row.
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype) @ v
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if record is not None:
+        record(probs)
+    return probs.to(v.dtype) @ v

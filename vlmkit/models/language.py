@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.record: Callable[[torch.Tensor], None] | None = None  # set by `recording_attention`
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         b, n, _ = x.shape
@@ -92,7 +96,7 @@ class Attention(nn.Module):
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         # Without a mask the plain causal kernel applies (training, unpadded prefill).
-        out = attention(q, k, v, mask, causal=mask is None and n > 1)
+        out = attention(q, k, v, mask, causal=mask is None and n > 1, record=self.record)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -125,6 +129,24 @@ class LMOutput:
     logits: torch.Tensor | None  # [B, L, V]; None when only the loss was asked for
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None  # final normed hidden states [B, L, D]
+
+
+@contextlib.contextmanager
+def recording_attention(model: LanguageModel, on_probs: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, every forward of every attention layer calls ``on_probs(layer_index, probs)``
+    with its probabilities ``[B, num_heads, queries, keys]`` (fp32; keys include cached positions).
+
+    Layers are called in order, so ``layer_index == 0`` starts a new forward pass. Recording uses the
+    explicit softmax path, which matches SDPA to float rounding; outside the block nothing changes.
+    """
+    layers = [layer.attn for layer in model.layers]
+    for attn in layers:
+        attn.record = partial(on_probs, attn.layer_index)
+    try:
+        yield
+    finally:
+        for attn in layers:
+            attn.record = None
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, query_length: int, past_length: int) -> torch.Tensor | None:

@@ -52,23 +52,27 @@ class VisionLanguageModel(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image tokens written over the `<image>` placeholder positions.
 
         Images are consumed in reading order: row by row, left to right. `image_counts[b]` (images
-        of sample b), when given, is checked against each row's placeholders.
+        of sample b), when given, is checked against each row's placeholders. `image_embeds`
+        (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to encode an image
+        shared by several rows only once.
         """
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
         per_row = is_image.sum(dim=1)
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_embeds = self.encode_images(pixel_values)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
         if num_images == 0:
             if bool(per_row.any()):
                 raise ImagePlaceholderError(
                     f"the batch has {int(per_row.sum())} image placeholder tokens but no images were given"
                 )
             return embeds
-        image_embeds = self.encode_images(pixel_values)
         t = image_embeds.shape[1]
         if image_counts is not None:
             counts = torch.as_tensor(image_counts, device=per_row.device)
@@ -106,11 +110,13 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> list[list[int]]:
-        """Generate from left-padded prompts with images spliced in; `kwargs` as `LanguageModel.generate`
-        (max_new_tokens, eos_token_id, temperature, top_p, generator, use_cache)."""
-        embeds = self.embed(input_ids, pixel_values, image_counts)
+        """Generate from left-padded prompts with images spliced in (from `pixel_values`, or `image_embeds`
+        already encoded); `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature,
+        top_p, generator, use_cache)."""
+        embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     # -- checkpoints -------------------------------------------------------------------------
