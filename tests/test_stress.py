@@ -41,13 +41,15 @@ def test_horizon_is_the_first_severity_above_the_threshold():
 @pytest.mark.parametrize("name", sorted(SCENE_SHIFTS))
 def test_scene_shifts_keep_exact_ground_truth(name):
     for index in range(10_000, 10_006):
-        plain = shifted_scene(name, 0, index, 0, BASE)
+        plain = shifted_scene("occlusion", 0, index, 0, BASE)
         for level in range(MAX_LEVEL + 1):
             shifted = shifted_scene(name, level, index, 0, BASE)
             scene, pixels = shifted.scene, np.asarray(shifted.image)
             assert pixels.shape == (scene.height, scene.width, 3)
-            if level == 0:  # every shift shares the plain scene at level 0
+            if level == 0:  # every shift shares the plain scene and its questions at level 0
                 assert np.array_equal(pixels, np.asarray(plain.image))
+                assert shifted.questions(BASE.allowed_pairs(), "random") == plain.questions(BASE.allowed_pairs(),
+                                                                                            "random")
             assert len({o.pair for o in scene.objects}) == len(scene.objects)
             for obj in scene.objects:
                 x1, y1, x2, y2 = obj.box

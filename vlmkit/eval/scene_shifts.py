@@ -69,6 +69,8 @@ def _plain(base: SceneSpec, index: int, seed: int) -> ShiftedScene:
 
 def unseen_colors(base: SceneSpec, level: int, index: int, seed: int) -> ShiftedScene:
     plain = _plain(base, index, seed)
+    if level == 0:  # also the question vocabulary of the plain scene (no unseen colour words)
+        return plain
     spec = replace(base, palette={**base.palette, **{k: v for k, v in EXTRA_COLORS.items() if k not in base.palette}})
     new_colors = [c for c in EXTRA_COLORS if c not in base.palette]
     if not new_colors:
