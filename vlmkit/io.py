@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a crash mid-write never leaves a half-written result behind."""
+"""Atomic file and directory writes (a crash mid-write never leaves a half-written result behind),
+and JSON reads whose errors name the file."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is an error naming the file (and `what` it is for)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found ({what})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vlmkit.io import read_json_file
+
 T = TypeVar("T")
 
 
@@ -85,12 +87,7 @@ def coco_dataset(instances: str | Path, image_root: str | Path) -> ObjectDataset
     (``image_id``, ``category_id``) and ``categories`` (``id``, ``name``). Images without annotations
     are left out (they can give no "yes" question); the vocabulary is every category."""
     path = Path(instances)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (--instances)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json_file(path, "--instances")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
     images = _field_list(data, "images", ("id", "file_name"), path)

@@ -23,7 +23,6 @@ are the lexicon.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.eval.annotations import scene_object_names
+from vlmkit.io import read_json_file
 
 SHAPES_WORLD_LEXICON = Path(__file__).resolve().parent / "lexicons" / "shapes_world.json"
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -78,12 +78,7 @@ class Lexicon:
     def load(cls, path: str | Path) -> Lexicon:
         """A JSON object mapping each canonical object to a list of phrases (synonyms, plurals)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (CHAIR lexicon)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        data = read_json_file(path, "CHAIR lexicon")
         if not isinstance(data, dict) or not data:
             raise ValueError(f'{path}: expected a non-empty JSON object {{"object": ["synonym", ...], ...}}')
         return cls(data, where=str(path))
