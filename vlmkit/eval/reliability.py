@@ -57,8 +57,8 @@ class SuiteSizes:
     pope_images: int = 100  # x 3 samplings x up to 2*3 questions (the "yes" ones shared)
     chair_images: int = 100
     blind_questions: int = 300  # each answered with its image, a blank and the mean image
-    stress_images: int = 32
-    attention_records: int = 32
+    stress_images: int = 100
+    attention_records: int = 100
     gap_pairs: int = 256
 
     @classmethod
