@@ -51,6 +51,22 @@ def read_json_file(path: str | Path, what: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
 
 
+def read_jsonl(path: str | Path, hint: str = "") -> list[Any]:
+    """The rows of a JSON Lines file (blank lines skipped); errors name the file and line.
+    `hint` follows the not-found message (e.g. what kind of directory was expected)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found{hint}")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    return rows
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to `path` via a temporary file and a rename."""
     write_text_atomic(path, json.dumps(data, indent=2))

@@ -11,14 +11,13 @@ it):
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlmkit.io import read_json_file
+from vlmkit.io import read_json_file, read_jsonl
 
 T = TypeVar("T")
 
@@ -52,16 +51,8 @@ def scene_object_names(scene: Mapping[str, Any], *, with_shapes: bool = False) -
 def read_scenes(data_root: Path, split: str) -> list[dict[str, Any]]:
     """The rows of ``scenes.jsonl`` that belong to ``split``, in file order."""
     path = Path(data_root) / "scenes.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {data_root} a shapes-world data directory (vlmkit synth)?")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    for n, row in enumerate(read_jsonl(path, f": is {data_root} a shapes-world data directory (vlmkit synth)?"), 1):
         for key in ("image", "split", "objects"):
             if key not in row:
                 raise ValueError(f"{path}:{n}: scene has no {key!r} field")

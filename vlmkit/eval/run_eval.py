@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,14 +10,8 @@ import yaml
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval.generation import Answerer
 from vlmkit.eval.metrics import markdown_table, score
-from vlmkit.io import write_json_atomic
+from vlmkit.io import read_jsonl, write_json_atomic
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def data_root_of(run_dir: Path) -> Path:

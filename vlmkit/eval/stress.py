@@ -38,6 +38,7 @@ from vlmkit.eval.figures import new_figure, to_png
 from vlmkit.eval.generation import Answerer
 from vlmkit.eval.metrics import normalize_answer, parse_yes_no, score
 from vlmkit.eval.scene_shifts import SCENE_SHIFTS, shifted_scene
+from vlmkit.io import read_jsonl
 
 CAPTION_PROMPT = CAPTION_PROMPTS[0]  # "Describe the image.", the first caption prompt of training data
 CAPTION_MAX_TOKENS = 48  # the longest demo training captions are 31 tokens
@@ -66,16 +67,7 @@ def hallucination_horizon(severities: Sequence[int], rates: Sequence[float | Non
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: stress tests need a shapes-world data directory (vlmkit synth)")
-    rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-    return rows
+    return read_jsonl(path, ": stress tests need a shapes-world data directory (vlmkit synth)")
 
 
 def _asked(questions: list[dict]) -> list[dict]:
