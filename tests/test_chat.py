@@ -1,8 +1,8 @@
 import pytest
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ChatFormat, ConversationError
 from vlmkit.data.tokenizer import IMAGE_TOKEN, Tokenizer, train_tokenizer
-from vlmkit.models.language import IGNORE_INDEX
 
 from .conftest import CORPUS
 
@@ -242,3 +242,13 @@ def test_generation_blocks_and_tojson_render_as_transformers_does(tokenizer):
     assert chat.render(messages) == '<|im_start|>user\n"<é>"<|im_end|><|im_start|>assistant\nok<|im_end|>'
     enc = chat.encode(messages)
     assert tokenizer.decode([x for x in enc.labels if x != IGNORE_INDEX], skip_special_tokens=False) == "ok<|im_end|>"
+
+
+def test_whole_number_tokens_when_digits_are_not_split():
+    from vlmkit.data.tokenizer import train_tokenizer
+
+    corpus = [f"<box>{a},{b},{a + 16},{b + 31}</box>" for a in range(0, 900, 16) for b in (47, 203)] * 3
+    whole = train_tokenizer(corpus, vocab_size=400, split_digits=False)
+    split = train_tokenizer(corpus, vocab_size=400)
+    assert len(whole.encode("544")) == 1 and whole.decode(whole.encode("<box>544,203</box>")) == "<box>544,203</box>"
+    assert len(split.encode("544")) == 3

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from vlmkit.config import VisionConfig
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.datasets import (
     ConversationDataset,
@@ -21,7 +22,6 @@ from vlmkit.data.datasets import (
     read_records,
 )
 from vlmkit.data.images import ImageError, ImageProcessor, load_image
-from vlmkit.models.language import IGNORE_INDEX
 
 SIZE = 16
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

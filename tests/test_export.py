@@ -113,3 +113,6 @@ def test_unsupported_parts_are_named(make_config, tokenizer, tmp_path, capsys):
     assert main(["export", str(tmp_path / "model"), str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "cannot export to llava-hf: connector 'pixel_shuffle'" in err and "Traceback" not in err
+    conv = VisionLanguageModel(make_config(vision={"stem": "conv", "feature_norm": False}))
+    with pytest.raises(ExportError, match=r"vision.stem 'conv': .* one patchify conv"):
+        export_llava_hf(conv, tokenizer, tmp_path / "y")

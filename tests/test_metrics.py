@@ -303,7 +303,7 @@ def test_markdown_table_compositional_with_missing():
         [{"answer": "red", "type": "color"}, {"answer": "no", "type": "exists", "negative": "random"}],
         ["blue", "no"],
     )
-    lines = markdown_table(test, comp).splitlines()
+    lines = markdown_table(test, {"compositional": comp}).splitlines()
     assert lines[0] == "| metric | test | compositional |"
     assert lines[1] == "|---|---:|---:|"
     assert "| VQA accuracy | 0.600 | 0.500 |" in lines
@@ -315,10 +315,19 @@ def test_markdown_table_compositional_with_missing():
     assert "| Grounding mIoU | 0.250 | – |" in lines
 
 
+def test_markdown_table_one_column_per_held_out_split():
+    test = score([{"answer": "red", "type": "color"}], ["red"])
+    extra = {"compositional": score([{"answer": "red", "type": "color"}], ["blue"]),
+             "variants": score([{"answer": "red", "type": "color"}], ["red"])}
+    lines = markdown_table(test, extra).splitlines()
+    assert lines[0] == "| metric | test | compositional | variants |"
+    assert "| VQA accuracy: color | 1.000 | 0.000 | 1.000 |" in lines
+
+
 def test_markdown_table_type_only_in_compositional():
     test = score([{"answer": "red", "type": "color"}], ["red"])
     comp = score([{"answer": "left", "type": "spatial"}], ["left"])
-    lines = markdown_table(test, comp).splitlines()
+    lines = markdown_table(test, {"compositional": comp}).splitlines()
     assert "| VQA accuracy: color | 1.000 | – |" in lines
     assert "| VQA accuracy: spatial | – | 1.000 |" in lines
     assert "| POPE F1 | – | – |" in lines

@@ -529,3 +529,77 @@ def test_generation_speed(tmp_path: Path) -> None:
     t = time.perf_counter()
     write_dataset(tmp_path, seed=0, n=5000)
     assert time.perf_counter() - t < 30
+
+
+# ------------------------------------------------------------------ drawing variation, dialogues, variants split
+
+
+def test_drawing_variation_keeps_boxes_exact_and_round_trips() -> None:
+    spec = SceneSpec(size_jitter=0.2, max_rotation=20, background_levels=(175, 250))
+    turned = scaled = 0
+    for i in range(40):
+        scene = generate_scene(i, seed=2, spec=spec)
+        img = np.asarray(render_scene(scene, spec))
+        _check_pixels(img, [o.to_dict() for o in scene.objects], spec.palette, gap=spec.min_gap)
+        turned += sum(o.rotation != 0 for o in scene.objects)
+        scaled += sum(o.scale != 1.0 for o in scene.objects)
+        assert all(abs(o.rotation) <= 20 and 0.8 <= o.scale <= 1.2 for o in scene.objects)
+        assert 175 - 6 <= min(scene.background["rgb"]) and max(scene.background["rgb"]) <= 250
+        again = Scene.from_dict(json.loads(json.dumps(scene.to_dict())))
+        assert np.array_equal(np.asarray(render_scene(again, spec)), img)
+    assert turned > 40 and scaled > 40
+    # A plain spec draws as before: no variation fields in its records.
+    plain = generate_scene(0, seed=2).to_dict()
+    assert all(set(o) == {"shape", "color", "size", "box"} for o in plain["objects"])
+    with pytest.raises(ValueError, match="max_rotation"):
+        SceneSpec(max_rotation=90)
+    with pytest.raises(ValueError, match="background_levels"):
+        SceneSpec(background_levels=(250, 200))
+
+
+def test_dialogue_records_ask_everything_without_echoing_boxes(tmp_path: Path) -> None:
+    meta = write_dataset(tmp_path, seed=5, n=40, records="dialogue", dialogue_per_type=2, object_lists=True)
+    assert meta["records"] == "dialogue" and meta["object_lists"]
+    scenes = {r["image"]: r for r in _jsonl(tmp_path / "scenes.jsonl")}
+    records = json.loads((tmp_path / "train.json").read_text())
+    kinds = Counter(rec["id"].split("_", 1)[1] for rec in records)
+    n_train = meta["counts"]["train"]["scenes"]
+    assert kinds["cap"] == kinds["list"] == kinds["where"] == kinds["dlg0"] == n_train
+    for rec in records:
+        turns = [t["value"] for t in rec["conversations"]]
+        scene = scenes[rec["image"]]
+        if rec["id"].endswith("_list"):
+            # Every object once, in reading order, with its box.
+            named = re.findall(r"(\w+ \w+) (<box>[\d,]+</box>)", turns[1])
+            assert sorted(n for n, _ in named) == sorted(f"{o['color']} {o['shape']}" for o in scene["objects"])
+            for name, box in named:
+                obj = next(o for o in scene["objects"] if f"{o['color']} {o['shape']}" == name)
+                assert parse_box(box) == _norm(obj["box"], scene)
+        if rec["id"].endswith("_dlg0"):
+            grounded = {q for q in turns[0::2] if "<box>" not in q and re.search("Where|bounding|Locate", q)}
+            boxes = [a for q, a in zip(turns[0::2], turns[1::2]) if q in grounded]
+            asked = [q for q in turns[0::2] if "<box>" in q]
+            assert not any(parse_box(a) == parse_box(q) for a in boxes for q in asked), turns
+            assert len(turns) >= 2 * 5
+
+
+def test_variants_split_draws_training_pairs_differently(tmp_path: Path) -> None:
+    meta = write_dataset(tmp_path, seed=6, n=30, n_variants=12)
+    assert meta["counts"]["variants"]["scenes"] == 12 and meta["variants"]["max_rotation"] == 20
+    rows = [r for r in _jsonl(tmp_path / "scenes.jsonl") if r["split"] == "variants"]
+    held_out = {tuple(p) for p in meta["holdout_pairs"]}
+    assert len(rows) == 12 and not {(o["color"], o["shape"]) for r in rows for o in r["objects"]} & held_out
+    assert any("rotation" in o or "scale" in o for r in rows for o in r["objects"])
+    assert _jsonl(tmp_path / "variants_qa.jsonl")
+    plain = write_dataset(tmp_path / "plain", seed=6, n=30)
+    assert set(plain["counts"]) == set(SPLITS) and not (tmp_path / "plain" / "variants_qa.jsonl").exists()
+
+
+def test_question_records_ask_one_question_each(tmp_path: Path) -> None:
+    meta = write_dataset(tmp_path, seed=5, n=30, records="questions", object_lists=True)
+    records = json.loads((tmp_path / "train.json").read_text())
+    per_image = Counter(rec["image"] for rec in records)
+    assert all(len(rec["conversations"]) == 2 for rec in records)
+    assert min(per_image.values()) >= 4 and meta["counts"]["train"]["records"] == len(records)
+    kinds = Counter(rec["id"].split("_", 1)[1].rstrip("0123456789") for rec in records)
+    assert kinds["cap"] == kinds["list"] == kinds["where"] == len(per_image) and kinds["q"] > 5 * len(per_image)

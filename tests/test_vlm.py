@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval.generation import left_pad
-from vlmkit.models.language import IGNORE_INDEX
 from vlmkit.models.vlm import ImagePlaceholderError, VisionLanguageModel
 
 
@@ -119,7 +119,7 @@ def test_save_replaces_atomically_and_failure_keeps_old(tiny_model, tokenizer, t
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("vlmkit.models.vlm.save_model", explode)
+    monkeypatch.setattr("vlmkit.models.checkpoint.save_model", explode)
     with pytest.raises(OSError, match="disk full"):
         tiny_model.save_pretrained(target)
     assert (target / "model.safetensors").read_bytes() == before

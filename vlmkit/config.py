@@ -85,6 +85,10 @@ class VisionConfig:
     # The size the position embeddings were trained at (default: image_size); other sizes interpolate them.
     native_image_size: int | None = None
     patch_size: int = 8
+    # How pixels become patch tokens: "patchify" (one patch_size x patch_size conv, as CLIP/SigLIP/DINOv2)
+    # or "conv" (3x3 stride-2 convs + BatchNorm + GELU, then a 1x1 projection: Xiao et al. 2021,
+    # "Early convolutions help transformers see better"; learns far faster from small data).
+    stem: str = "patchify"
     num_channels: int = 3
     hidden_size: int = 192
     num_layers: int = 6
@@ -110,6 +114,10 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
+        _check_choice("vision", "stem", self.stem, ("patchify", "conv"))
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ConfigError(f"vision.stem conv needs a power-of-two patch_size (stride-2 convs), "
+                              f"got {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"vision.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         for name in ("image_size", "native_image_size"):

@@ -1,7 +1,7 @@
-"""`vlmkit demo [--out DIR]`: synth -> tokenizer -> clip -> align -> instruct -> eval, offline, on CPU.
+"""`vlmkit demo [--out DIR]`: synth -> tokenizer -> the recipe's stages in order -> eval, offline, on CPU.
 
-The recipe is `configs/demo.yaml`. Leaves DIR/data, DIR/clip, DIR/align, DIR/instruct (the final
-model) and DIR/eval.json.
+The recipe is `configs/demo.yaml`. Leaves DIR/data, one run directory per stage (DIR/<stage>; the last
+one holds the final model) and DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import vlmkit
 
 DEFAULT_RECIPE = Path(vlmkit.__file__).resolve().parent.parent / "configs" / "demo.yaml"
-STAGES = ("clip", "align", "instruct")
+STARTS_FROM = ("vision_from", "init_from")  # keys that may name an earlier stage of the recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.data.tokenizer import train_tokenizer
     from vlmkit.eval.run_eval import evaluate, print_report
     from vlmkit.train.config import read_yaml
-    from vlmkit.train.recipe import stage_config
+    from vlmkit.train.recipe import recipe_stages, stage_config
     from vlmkit.train.trainer import Trainer
 
     started = time.perf_counter()
@@ -57,26 +57,25 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.save(tok_dir)
     timings["synth"] = time.perf_counter() - t
 
-    previous: dict[str, Path] = {}
-    for stage in STAGES:
+    stages = recipe_stages(recipe, args.config)
+    for stage in stages:
         t = time.perf_counter()
         paths = {"out": str(out / stage), "tokenizer": str(tok_dir), "data.root": str(data_dir)}
-        if stage == "align":
-            paths["vision_from"] = str(previous["clip"])
-        if stage == "instruct":
-            paths["init_from"] = str(previous["align"])
+        # A stage starts from an earlier one by naming it (`vision_from: dense`): its run directory here.
+        paths.update({key: str(out / recipe["stages"][stage][key]) for key in STARTS_FROM
+                      if (recipe["stages"][stage] or {}).get(key) in recipe["stages"]})
         overrides = [f"{k}={v}" for k, v in paths.items()] + list(args.overrides)
         cfg = stage_config(recipe, stage, overrides, args.config)
         print(f"[demo] stage {stage}: {cfg.optim.steps} steps x {cfg.optim.batch_size * cfg.optim.grad_accum} samples")
         results = Trainer(cfg).fit()
         print(f"[demo] {stage} done in {time.perf_counter() - t:.0f}s: "
               + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
-        previous[stage] = out / stage
         timings[stage] = time.perf_counter() - t
 
     t = time.perf_counter()
     eval_cfg = recipe.get("eval", {})
-    results = evaluate(out / "instruct", split=eval_cfg.get("split", "test"), data_root=data_dir,
+    final = out / stages[-1]
+    results = evaluate(final, split=eval_cfg.get("split", "test"), data_root=data_dir,
                        limit=eval_cfg.get("limit"), out=out / "eval.json")
     timings["eval"] = time.perf_counter() - t
     print_report(results)
@@ -86,5 +85,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {mark}{ex['question']!r:60} | {ex['prediction']!r:28} | {ex['answer']!r}")
     total = time.perf_counter() - started
     print("\n[demo] wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
-    print(f"[demo] final model: {out / 'instruct'}; metrics: {out / 'eval.json'}")
+    print(f"[demo] final model: {final}; metrics: {out / 'eval.json'}")
     return 0

@@ -7,8 +7,10 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmkit.train.config import STAGES
+
     p.add_argument("--config", help="a run config YAML (see configs/)")
-    p.add_argument("--stage", choices=("clip", "align", "instruct"), help="which stage of a multi-stage recipe")
+    p.add_argument("--stage", choices=STAGES, help="which stage of a multi-stage recipe")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")

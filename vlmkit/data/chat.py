@@ -33,8 +33,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.tokenizer import CHATML_TEMPLATE, Tokenizer
-from vlmkit.models.language import IGNORE_INDEX
 
 IMAGE = object()  # marker for an image slot inside a message's content
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -33,10 +33,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ROLE_ALIASES, ChatFormat, ConversationError
 from vlmkit.data.images import ImageError, ImageProcessor, load_image
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.models.language import IGNORE_INDEX
 
 logger = logging.getLogger("vlmkit.data")
 
@@ -430,6 +430,7 @@ class ConversationDataset(_SkippingDataset):
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._ids = np.concatenate([ids for _, (ids, _), _ in kept])
         self._labels = np.concatenate([labels for _, (_, labels), _ in kept])
+        self._features: torch.Tensor | None = None
         self._init_runtime()
 
     @property
@@ -472,9 +473,31 @@ class ConversationDataset(_SkippingDataset):
         ids = np.asarray(encoded.input_ids, dtype=np.int32)
         return (ids, np.asarray(encoded.labels, dtype=np.int32)), names
 
+    @property
+    def image_pixels(self) -> np.ndarray:
+        """The resized uint8 images [N, size, size, 3] of the dataset's distinct image files (cached)."""
+        if self._store._pixels is None:
+            raise ValueError("image_pixels needs a dataset built with cache_images=True")
+        return self._store._pixels
+
+    def use_features(self, features: torch.Tensor) -> None:
+        """Serve ``image_features`` (rows of `features` [N, P, D], one per `image_pixels` row) instead of
+        pixels, e.g. a frozen tower's output computed once (see `vlmkit.train.features`)."""
+        if features.shape[0] != len(self._store.paths):
+            raise ValueError(f"{features.shape[0]} feature rows for {len(self._store.paths)} images")
+        self._features = features
+
     def _sample(self, index: int) -> dict[str, Any]:
-        pixels = [self._store.pixels(k) for k in self._images[index]]  # first: this may raise ImageError
         start, end = self._offsets[index], self._offsets[index + 1]
+        if self._features is not None:
+            rows = list(self._images[index])
+            return {
+                "input_ids": torch.from_numpy(self._ids[start:end]).long(),
+                "labels": torch.from_numpy(self._labels[start:end]).long(),
+                "image_features": self._features[rows],
+                "num_images": len(rows),
+            }
+        pixels = [self._store.pixels(k) for k in self._images[index]]  # first: this may raise ImageError
         if pixels:
             pixel_values = self.processor.normalize(np.stack(pixels))
         else:
@@ -562,16 +585,19 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
     Returns ``input_ids`` / ``labels`` (padded with IGNORE_INDEX) / ``attention_mask`` [B, L],
     ``pixel_values`` [N_total, 3, H, W] or None when the batch has no image, ``image_counts`` [B].
+    Samples that carry ``image_features`` (see `ConversationDataset.use_features`) give
+    ``image_features`` [N_total, P, D] in place of ``pixel_values``.
     """
     if not batch:
         raise ValueError("collate got an empty batch")
     input_ids = _pad([sample["input_ids"] for sample in batch], pad_id)
-    images = [sample["pixel_values"] for sample in batch if sample["num_images"]]
+    key = "image_features" if any("image_features" in sample for sample in batch) else "pixel_values"
+    images = [sample[key] for sample in batch if sample["num_images"]]
     return {
         "input_ids": input_ids,
         "labels": _pad([sample["labels"] for sample in batch], IGNORE_INDEX),
         "attention_mask": _mask([len(sample["input_ids"]) for sample in batch], input_ids.shape[1]),
-        "pixel_values": torch.cat(images) if images else None,
+        key: torch.cat(images) if images else None,
         "image_counts": torch.tensor([sample["num_images"] for sample in batch], dtype=torch.long),
     }
 

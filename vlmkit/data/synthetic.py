@@ -61,6 +61,9 @@ __all__ = [
     "questions_for_scene",
     "render_scene",
     "scene_records",
+    "dialogue_records",
+    "question_records",
+    "object_list_qa",
     "CAPTION_PROMPTS",
     "SPLITS",
     "EXTRA_COLORS",
@@ -169,6 +172,12 @@ class SceneSpec:
     cooccurrence: float = 1.0  # strength of the pair co-occurrence prior; 0 = uniform
     exclude_pairs: frozenset[tuple[str, str]] = frozenset()  # (colour, shape) pairs never drawn
     require_pairs: frozenset[tuple[str, str]] = frozenset()  # each scene contains one of these
+    # Drawing variation (0 = every shape of a size class drawn identically): each object's side is
+    # scaled by a factor in [1 - size_jitter, 1 + size_jitter] and it is turned by up to
+    # max_rotation degrees either way; background greys are drawn from background_levels.
+    size_jitter: float = 0.0
+    max_rotation: int = 0
+    background_levels: tuple[int, int] = (218, 242)
 
     def __post_init__(self) -> None:
         # Normalise containers so callers may pass lists/dicts and the spec stays effectively immutable.
@@ -178,6 +187,7 @@ class SceneSpec:
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "sizes", {str(k): float(v) for k, v in self.sizes.items()})
         object.__setattr__(self, "background_kinds", tuple(self.background_kinds))
+        object.__setattr__(self, "background_levels", tuple(int(v) for v in self.background_levels))
         object.__setattr__(self, "exclude_pairs", _as_pairs(self.exclude_pairs, "exclude_pairs"))
         object.__setattr__(self, "require_pairs", _as_pairs(self.require_pairs, "require_pairs"))
         self._validate()
@@ -220,6 +230,14 @@ class SceneSpec:
             raise ValueError(f"cooccurrence must be >= 0, got {self.cooccurrence}")
         if self.background_contrast < 0:
             raise ValueError(f"background_contrast must be >= 0, got {self.background_contrast}")
+        if not 0 <= self.size_jitter < 1:
+            raise ValueError(f"size_jitter must be in [0, 1), got {self.size_jitter}")
+        if not 0 <= self.max_rotation <= 45:
+            raise ValueError(f"max_rotation must be in [0, 45] degrees, got {self.max_rotation}")
+        low, high = self.background_levels if len(self.background_levels) == 2 else (1, 0)
+        if not 0 <= low <= high <= 255:
+            raise ValueError(f"background_levels must be (low, high) greys with 0 <= low <= high <= 255, "
+                             f"got {self.background_levels}")
         bad = [k for k in self.background_kinds if k not in BACKGROUND_KINDS]
         if bad or not self.background_kinds:
             raise ValueError(f"background_kinds must be a non-empty subset of {BACKGROUND_KINDS}, got {bad}")
@@ -254,8 +272,10 @@ class SceneSpec:
                     "or allow_overlap=True"
                 )
 
-    def _grid_cells(self, image_size: int) -> int:
-        big = max(max(1, round(f * image_size)) for f in self.sizes.values())
+    def _grid_cells(self, image_size: int, largest: int | None = None) -> int:
+        """Cells per side of the fallback layout grid: each holds the largest object (`largest` px, by
+        default the largest size class drawn plainly) plus the gap."""
+        big = largest or max(max(1, round(f * image_size)) for f in self.sizes.values())
         return (image_size + self.min_gap) // (big + self.min_gap)
 
     def size_px(self, name: str) -> int:
@@ -273,11 +293,17 @@ class SceneSpec:
         """(colour, shape) pairs that may be drawn, in a fixed order."""
         return [p for p in self.all_pairs() if p not in self.exclude_pairs]
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SceneSpec:
+        """The inverse of `to_dict` (e.g. the ``spec`` of a dataset's ``meta.json``)."""
+        return cls(**{k: v for k, v in d.items() if k != "sizes_px"})
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["palette"] = {k: list(v) for k, v in self.palette.items()}
         d["shapes"] = list(self.shapes)
         d["background_kinds"] = list(self.background_kinds)
+        d["background_levels"] = list(self.background_levels)
         d["exclude_pairs"] = sorted([list(p) for p in self.exclude_pairs])
         d["require_pairs"] = sorted([list(p) for p in self.require_pairs])
         d["sizes_px"] = {k: self.size_px(k) for k in self.sizes}
@@ -290,6 +316,8 @@ class SceneObject:
     color: str
     size: str
     box: tuple[int, int, int, int]  # pixels, x2/y2 exclusive
+    scale: float = 1.0  # drawn side / the size class's side (SceneSpec.size_jitter)
+    rotation: int = 0  # degrees, counter-clockwise (SceneSpec.max_rotation)
 
     @property
     def name(self) -> str:
@@ -305,7 +333,16 @@ class SceneObject:
         return ((x1 + x2) / 2, (y1 + y2) / 2)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": self.shape, "color": self.color, "size": self.size, "box": list(self.box)}
+        d: dict[str, Any] = {"shape": self.shape, "color": self.color, "size": self.size, "box": list(self.box)}
+        if self.scale != 1.0:
+            d["scale"] = self.scale
+        if self.rotation:
+            d["rotation"] = self.rotation
+        return d
+
+    def mask(self, spec: SceneSpec) -> tuple[Image.Image, int, int, int]:
+        """The object's drawn mask under `spec` (see `_shape_mask`)."""
+        return _shape_mask(self.shape, drawn_px(spec, self.size, self.scale), self.rotation)
 
 
 @dataclass(frozen=True)
@@ -332,7 +369,8 @@ class Scene:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Scene:
         objs = tuple(
-            SceneObject(o["shape"], o["color"], o["size"], tuple(int(v) for v in o["box"]))
+            SceneObject(o["shape"], o["color"], o["size"], tuple(int(v) for v in o["box"]),
+                        float(o.get("scale", 1.0)), int(o.get("rotation", 0)))
             for o in d["objects"]
         )
         bg = d.get("background") or {"kind": "plain", "rgb": list(_PLAIN_RGB)}
@@ -408,26 +446,40 @@ _SHAPE_POINTS: dict[str, list[tuple[float, float]] | None] = {
 }
 
 
+def drawn_px(spec: SceneSpec, size: str, scale: float = 1.0) -> int:
+    """Side in pixels an object of size class `size` is drawn at, with its jitter `scale`."""
+    return max(_MIN_SIZE_PX, round(spec.size_px(size) * scale)) if scale != 1.0 else spec.size_px(size)
+
+
 @cache
-def _shape_mask(shape: str, px: int) -> tuple[Image.Image, int, int, int]:
-    """Binary mask cropped to its tight bbox, with (width, height, pixel area).
+def _shape_mask(shape: str, px: int, rotation: int = 0) -> tuple[Image.Image, int, int, int]:
+    """Binary mask cropped to its tight bbox, with (width, height, pixel area); `rotation` in degrees.
 
     Boxes come from the rasterised mask itself, so ground truth is exact whatever PIL does at edges.
     """
-    m = Image.new("L", (px, px), 0)
+    turn = math.radians(rotation)
+    side = math.ceil(px * (abs(math.cos(turn)) + abs(math.sin(turn)))) if rotation else px
+    m = Image.new("L", (side, side), 0)
     d = ImageDraw.Draw(m)
-    e = px - 1
+    e, pad = px - 1, (side - px) / 2
     if shape == "circle":
-        d.ellipse((0, 0, e, e), fill=255)
+        d.ellipse((pad, pad, pad + e, pad + e), fill=255)
     elif shape == "ring":
-        d.ellipse((0, 0, e, e), fill=255)
+        d.ellipse((pad, pad, pad + e, pad + e), fill=255)
         t = max(1, round(px * 0.22))
         if px - 2 * t >= 2:
-            d.ellipse((t, t, e - t, e - t), fill=0)
+            d.ellipse((pad + t, pad + t, pad + e - t, pad + e - t), fill=0)
     else:
         pts = _SHAPE_POINTS[shape]
         assert pts is not None
-        d.polygon([(x * e, y * e) for x, y in pts], fill=255)
+        if rotation:
+            cos, sin, c = math.cos(turn), math.sin(turn), (side - 1) / 2
+            # Turn counter-clockwise on screen (y grows downwards) about the canvas centre.
+            pts = [(c + (x - 0.5) * e * cos + (y - 0.5) * e * sin, c - (x - 0.5) * e * sin + (y - 0.5) * e * cos)
+                   for x, y in pts]
+        else:
+            pts = [(x * e, y * e) for x, y in pts]
+        d.polygon(pts, fill=255)
     bbox = m.getbbox()
     if bbox is None:  # px too small to rasterise anything: fall back to a filled square
         m = Image.new("L", (px, px), 255)
@@ -520,9 +572,10 @@ def _layout(
 def _grid_layout(
     dims: list[tuple[int, int]], spec: SceneSpec, rng: random.Random
 ) -> list[tuple[int, int, int, int]] | None:
-    # Guaranteed fallback: one object per grid cell, jittered inside it; cells are >= largest size + gap.
+    # Fallback: one object per grid cell, jittered inside it; cells are >= largest object + gap (always
+    # enough cells for plainly drawn objects, see SceneSpec._validate).
     s, gap = spec.image_size, spec.min_gap
-    g = spec._grid_cells(s)
+    g = spec._grid_cells(s, max(max(d) for d in dims))
     if g * g < len(dims):
         return None
     edges = [k * (s + gap) // g for k in range(g + 1)]
@@ -539,7 +592,7 @@ def _sample_background(spec: SceneSpec, rng: random.Random) -> dict[str, Any]:
     if not spec.backgrounds:
         return {"kind": "plain", "rgb": list(_PLAIN_RGB)}
     kind = rng.choice(spec.background_kinds)
-    level = rng.randint(218, 242)
+    level = rng.randint(*spec.background_levels)
     rgb = [min(250, level + rng.randint(-6, 6)) for _ in range(3)]  # light neutral, faint tint
     bg: dict[str, Any] = {"kind": kind, "rgb": rgb}
     k = spec.background_contrast
@@ -573,17 +626,27 @@ def generate_scene(index: int, seed: int = 0, spec: SceneSpec | None = None) -> 
     rng.shuffle(chosen)
     size_names = list(spec.sizes)
     sizes = [rng.choice(size_names) for _ in chosen]
-    dims = [_shape_mask(p[1], spec.size_px(z))[1:3] for p, z in zip(chosen, sizes)]
+    # Drawing variation draws from the generator only when asked for, so plain specs keep their scenes.
+    scales = [round(rng.uniform(1 - spec.size_jitter, 1 + spec.size_jitter), 2) if spec.size_jitter else 1.0
+              for _ in chosen]
+    turns = [rng.randint(-spec.max_rotation, spec.max_rotation) if spec.max_rotation else 0 for _ in chosen]
+    dims = [_shape_mask(p[1], drawn_px(spec, z, k), r)[1:3] for p, z, k, r in zip(chosen, sizes, scales, turns)]
     # Place (and draw) big objects first: easier packing, and small ones stay visible under occlusion.
     order = sorted(range(len(chosen)), key=lambda i: -dims[i][0] * dims[i][1])
     dims_sorted = [dims[i] for i in order]
     boxes = _layout(dims_sorted, spec, rng) or _grid_layout(dims_sorted, spec, rng)
+    if boxes is None and (spec.size_jitter or spec.max_rotation):
+        # Rarely, grown or turned objects do not fit: this scene draws them plainly.
+        scales, turns = [1.0] * len(chosen), [0] * len(chosen)
+        dims_sorted = [_shape_mask(chosen[i][1], spec.size_px(sizes[i]))[1:3] for i in order]
+        boxes = _layout(dims_sorted, spec, rng) or _grid_layout(dims_sorted, spec, rng)
     if boxes is None:
         raise RuntimeError(
             f"could not place {len(chosen)} objects in a {spec.image_size} px image; "
             "raise max_occlusion, lower max_objects or use smaller sizes"
         )
-    objects = tuple(SceneObject(chosen[i][1], chosen[i][0], sizes[i], b) for i, b in zip(order, boxes))
+    objects = tuple(SceneObject(chosen[i][1], chosen[i][0], sizes[i], b, scales[i], turns[i])
+                    for i, b in zip(order, boxes))
     bg = _sample_background(spec, rng)
     return Scene(index, seed, spec.image_size, spec.image_size, objects, bg)
 
@@ -622,7 +685,7 @@ def render_scene(scene: Scene, spec: SceneSpec | None = None) -> Image.Image:
             raise ValueError(
                 f"object {o.size} {o.name} is not drawable with this spec (palette/sizes/shapes)"
             )
-        mask, w, h, _ = _shape_mask(o.shape, spec.size_px(o.size))
+        mask, w, h, _ = o.mask(spec)
         if (o.box[2] - o.box[0], o.box[3] - o.box[1]) != (w, h):
             raise ValueError(
                 f"box of the {o.name} does not match size {o.size!r}; render with the generating spec"
@@ -916,8 +979,7 @@ def questions_for_scene(
             continue
         if spec is not None:
             fa, fb = spec.sizes[a.size], spec.sizes[b.size]
-            area_a = _shape_mask(a.shape, spec.size_px(a.size))[3]
-            area_b = _shape_mask(b.shape, spec.size_px(b.size))[3]
+            area_a, area_b = a.mask(spec)[3], b.mask(spec)[3]
         else:
             fa = (a.box[2] - a.box[0]) * (a.box[3] - a.box[1])
             fb = (b.box[2] - b.box[0]) * (b.box[3] - b.box[1])
@@ -933,15 +995,23 @@ def questions_for_scene(
         asked.add(frozenset((a.name, b.name)))
         n_sz += 1
     # grounding and identify
-    for o in ordered(objs)[:k]:
-        nb = normalize_box(o.box, scene.width, scene.height)
-        t = rng.choice(("Where is the {n}?", "Give the bounding box of the {n}.", "Locate the {n}."))
-        out.append(QA(t.format(n=o.name), format_box(nb), "grounding", box=nb, targets=(o.name,)))
-    for o in ordered(objs)[:k]:
-        nb = normalize_box(o.box, scene.width, scene.height)
-        t = rng.choice(("What is at {b}?", "What object is at {b}?"))
-        out.append(QA(t.format(b=format_box(nb)), o.name, "identify", box=nb, targets=(o.name,)))
+    out.extend(grounding_qa(o, scene, rng) for o in ordered(objs)[:k])
+    out.extend(identify_qa(o, scene, rng) for o in ordered(objs)[:k])
     return out
+
+
+def grounding_qa(o: SceneObject, scene: Scene, rng: random.Random) -> QA:
+    """"Where is the red star?" -> its box in [0, 1000] text form."""
+    nb = normalize_box(o.box, scene.width, scene.height)
+    t = rng.choice(("Where is the {n}?", "Give the bounding box of the {n}.", "Locate the {n}."))
+    return QA(t.format(n=o.name), format_box(nb), "grounding", box=nb, targets=(o.name,))
+
+
+def identify_qa(o: SceneObject, scene: Scene, rng: random.Random) -> QA:
+    """"What is at <box>...</box>?" -> the object's name."""
+    nb = normalize_box(o.box, scene.width, scene.height)
+    t = rng.choice(("What is at {b}?", "What object is at {b}?"))
+    return QA(t.format(b=format_box(nb)), o.name, "identify", box=nb, targets=(o.name,))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1030,6 +1100,114 @@ def scene_records(
     return records
 
 
+def dialogue_records(
+    scene: Scene,
+    image: str,
+    rng: random.Random,
+    spec: SceneSpec | None = None,
+    *,
+    n_dialogues: int = 1,
+    max_per_type: int = 1,
+    focus_pairs: Iterable[Sequence[str]] | None = None,
+    negative_pairs: Iterable[Sequence[str]] | None = None,
+    margin: float = SPATIAL_MARGIN,
+    object_lists: bool = False,
+) -> list[dict[str, Any]]:
+    """A caption request and ``n_dialogues`` multi-turn conversations about one scene, each asking every
+    question the scene offers (up to ``max_per_type`` per type, in random order); with ``object_lists``
+    also the two object lists of `object_list_qa` (own records: their boxes must not be in view of a
+    conversation that asks for them).
+
+    Many answers per conversation means many supervised tokens per pass over the image's tokens: at an
+    equal budget this teaches far more than one or two questions per record (see docs/recipe_ablation.md).
+    """
+    stem = f"{scene.index:06d}"
+    captions = caption_scene(scene, rng, margin=margin)
+    caption = (rng.choice(CAPTION_PROMPTS), _sentence(rng.choice(captions)))
+    records = [{"id": f"{stem}_cap", "image": image, "conversations": _conversation([caption])}]
+    if object_lists and scene.objects:
+        for boxes_first in (False, True):
+            q = object_list_qa(scene, rng, boxes_first)
+            records.append({"id": f"{stem}_{'where' if boxes_first else 'list'}", "image": image,
+                            "conversations": _conversation([(q.question, q.answer)])})
+    for d in range(n_dialogues):
+        qs = questions_for_scene(scene, rng, spec, max_per_type=max_per_type, focus_pairs=focus_pairs,
+                                 negative_pairs=negative_pairs, margin=margin)
+        qs = _without_box_echo(qs, scene, rng)
+        rng.shuffle(qs)
+        turns = [(q.question, q.answer) for q in qs]
+        records.append({"id": f"{stem}_dlg{d}", "image": image, "conversations": _conversation(turns)})
+    return records
+
+
+OBJECT_LIST_PROMPTS = ("List the objects and their boxes.", "Which objects are where?")
+
+
+def object_list_qa(scene: Scene, rng: random.Random, boxes_first: bool = False) -> QA:
+    """Every object with its box, in reading order (rows of centres, top to bottom, then left to right):
+    "red star <box>...</box>, blue circle <box>...</box>", or with `boxes_first` "<box>...</box> red star, ...".
+
+    Grounded listings (as in Pix2Seq or Kosmos-2) give a supervised name and box for every object of
+    an image at once; the two orders teach both ways of binding a name to a place.
+    """
+    row = scene.height / 8
+    ordered = sorted(scene.objects, key=lambda o: (int(o.center[1] // row), o.center[0]))
+    items = []
+    for o in ordered:
+        box = format_box(normalize_box(o.box, scene.width, scene.height))
+        items.append(f"{box} {o.name}" if boxes_first else f"{o.name} {box}")
+    return QA(OBJECT_LIST_PROMPTS[boxes_first], ", ".join(items), "objects", targets=tuple(o.name for o in ordered))
+
+
+def _without_box_echo(qs: list[QA], scene: Scene, rng: random.Random) -> list[QA]:
+    """Identify questions about objects other than the grounded ones, where the scene has others: a
+    conversation that states an object's box in one turn and asks for it in another teaches copying."""
+    grounded = {q.targets for q in qs if q.type == "grounding"}
+    others = [o for o in scene.objects if (o.name,) not in grounded]
+    out = []
+    for q in qs:
+        if q.type == "identify" and q.targets in grounded:
+            if not others:
+                continue
+            q = identify_qa(others.pop(rng.randrange(len(others))), scene, rng)
+        out.append(q)
+    return out
+
+
+def question_records(
+    scene: Scene,
+    image: str,
+    rng: random.Random,
+    spec: SceneSpec | None = None,
+    *,
+    max_per_type: int = 1,
+    focus_pairs: Iterable[Sequence[str]] | None = None,
+    negative_pairs: Iterable[Sequence[str]] | None = None,
+    margin: float = SPATIAL_MARGIN,
+    object_lists: bool = False,
+) -> list[dict[str, Any]]:
+    """A caption request, (with ``object_lists``) the two object lists of `object_list_qa`, and one
+    single-turn record per question the scene offers (up to ``max_per_type`` per type): every answer
+    is asked exactly as evaluation asks it, with nothing else in view to copy from."""
+    stem = f"{scene.index:06d}"
+    captions = caption_scene(scene, rng, margin=margin)
+    turns = [("cap", rng.choice(CAPTION_PROMPTS), _sentence(rng.choice(captions)))]
+    if object_lists and scene.objects:
+        turns += [("where" if first else "list", *_qa_pair(object_list_qa(scene, rng, first)))
+                  for first in (False, True)]
+    qs = questions_for_scene(scene, rng, spec, max_per_type=max_per_type, focus_pairs=focus_pairs,
+                             negative_pairs=negative_pairs, margin=margin)
+    turns += [(f"q{j}", *_qa_pair(q)) for j, q in enumerate(qs)]
+    return [{"id": f"{stem}_{name}", "image": image, "conversations": _conversation([(q, a)])} for name, q, a in turns]
+
+
+def _qa_pair(q: QA) -> tuple[str, str]:
+    return q.question, q.answer
+
+
+RECORD_STYLES: tuple[str, ...] = ("mixed", "dialogue", "questions")
+
+
 def _dump_json_list(path: Path, items: Sequence[Any]) -> None:
     # One element per line: valid JSON that still diffs and greps well.
     with open(path, "w", encoding="utf-8") as f:
@@ -1045,7 +1223,10 @@ def _dump_jsonl(path: Path, items: Iterable[Any]) -> None:
             f.write(json.dumps(x, ensure_ascii=False) + "\n")
 
 
-SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "compositional", "variants")
+# The `variants` split: training's pairs, drawn differently (sizes, turns, background greys that
+# training never shows), to check that a model reads shapes and colours rather than exact pixels.
+DRAWING_VARIANTS: dict[str, Any] = {"size_jitter": 0.2, "max_rotation": 20, "background_levels": (175, 250)}
 
 
 def write_dataset(
@@ -1062,15 +1243,30 @@ def write_dataset(
     spec: SceneSpec | None = None,
     qa_per_type: int = 1,
     margin: float = SPATIAL_MARGIN,
+    records: str = "mixed",
+    dialogues_per_image: int = 1,
+    dialogue_per_type: int = 1,
+    object_lists: bool = False,
+    n_variants: int = 0,
+    variants: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate shapes-world under ``out_dir`` and return the summary also written to ``meta.json``.
 
     ``n`` scenes (indices ``0..n-1``) are split contiguously into train / val / test; they never
     contain a ``holdout_pairs`` object. ``n_compositional`` further scenes (indices ``n..``; default
     ``max(1, n // 10)``, 0 when there are no held-out pairs) each contain at least one held-out object.
+    ``n_variants`` scenes after those (split ``variants``) hold training's pairs drawn differently:
+    `SceneSpec` drawing settings ``variants`` (default `DRAWING_VARIANTS`).
     ``image_size`` (default 64) and ``backgrounds`` (default True) build the default `SceneSpec`;
     pass ``spec`` instead for full control (then leave those two unset). Existing files are
     overwritten; stale images from an earlier, larger run are not removed.
+
+    ``records`` chooses the conversations of ``{split}.json``: ``"mixed"`` (per scene a caption
+    request, two single questions and one 2-4 turn conversation; see `scene_records`) or
+    ``"dialogue"`` (``dialogues_per_image`` conversations each asking up to ``dialogue_per_type``
+    questions of every type, plus the object lists when ``object_lists``; see `dialogue_records`) or
+    ``"questions"`` (the same questions one per record; see `question_records`). The question files
+    ``{split}_qa.jsonl`` are the same whatever the style.
     """
     t0 = time.perf_counter()
     if not isinstance(n, int) or n < 1:
@@ -1087,6 +1283,11 @@ def write_dataset(
         )
     if qa_per_type < 1:
         raise ValueError(f"qa_per_type must be >= 1, got {qa_per_type}")
+    if records not in RECORD_STYLES:
+        raise ValueError(f"records must be one of {RECORD_STYLES}, got {records!r}")
+    if dialogues_per_image < 1:
+        raise ValueError(f"dialogues_per_image must be >= 1, got {dialogues_per_image}")
+    style = records
     if spec is None:
         spec = SceneSpec(
             image_size=64 if image_size is None else image_size,
@@ -1114,8 +1315,13 @@ def write_dataset(
         raise ValueError("n_compositional > 0 needs at least one holdout pair")
     train_spec = replace(spec, exclude_pairs=spec.exclude_pairs | holdout, require_pairs=frozenset())
     comp_spec = replace(spec, require_pairs=holdout) if holdout else train_spec
-    split_specs = {"train": train_spec, "val": train_spec, "test": train_spec, "compositional": comp_spec}
+    if n_variants < 0:
+        raise ValueError(f"n_variants must be >= 0, got {n_variants}")
+    variant_spec = replace(train_spec, **dict(DRAWING_VARIANTS if variants is None else variants))
+    split_specs = {"train": train_spec, "val": train_spec, "test": train_spec, "compositional": comp_spec,
+                   "variants": variant_spec}
     bounds = [("train", n_train), ("val", n_val), ("test", n_test), ("compositional", n_compositional)]
+    bounds += [("variants", n_variants)] if n_variants else []
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -1151,15 +1357,21 @@ def write_dataset(
             for c in caption_scene(scene, text_rng, margin=margin):
                 cap_rows[split].append({"image": image, "caption": c})
             rec_rng = random.Random(_derive_seed(seed, index, "records"))
-            records[split].extend(
-                scene_records(
-                    scene, image, rec_rng, sp, focus_pairs=focus, negative_pairs=neg_pool, margin=margin
-                )
-            )
+            if style == "questions":
+                made = question_records(scene, image, rec_rng, sp, max_per_type=dialogue_per_type, focus_pairs=focus,
+                                        negative_pairs=neg_pool, margin=margin, object_lists=object_lists)
+            elif style == "dialogue":
+                made = dialogue_records(scene, image, rec_rng, sp, n_dialogues=dialogues_per_image,
+                                        max_per_type=dialogue_per_type, focus_pairs=focus,
+                                        negative_pairs=neg_pool, margin=margin, object_lists=object_lists)
+            else:
+                made = scene_records(scene, image, rec_rng, sp, focus_pairs=focus, negative_pairs=neg_pool,
+                                     margin=margin)
+            records[split].extend(made)
             index += 1
 
     files: dict[str, str] = {}
-    for split in SPLITS:
+    for split, _ in bounds:
         _dump_json_list(out / f"{split}.json", records[split])
         _dump_jsonl(out / f"{split}_qa.jsonl", qa_rows[split])
         _dump_jsonl(out / f"captions_{split}.jsonl", cap_rows[split])
@@ -1197,12 +1409,16 @@ def write_dataset(
         "sizes": {k: spec.size_px(k) for k in spec.sizes},
         "holdout_pairs": sorted([list(p) for p in holdout]),
         "qa_per_type": qa_per_type,
+        "records": style,
+        "dialogues_per_image": dialogues_per_image if style == "dialogue" else 0,
+        **({"dialogue_per_type": dialogue_per_type, "object_lists": object_lists} if style != "mixed" else {}),
         "spatial_margin": margin,
         "question_types": list(QUESTION_TYPES),
         "box_format": (
             "scenes.jsonl: pixel [x1,y1,x2,y2], x2/y2 exclusive; text: <box>x1,y1,x2,y2</box> in [0,1000]"
         ),
         "spec": spec.to_dict(),
+        **({"variants": variant_spec.to_dict()} if n_variants else {}),
         "counts": counts,
         "files": files,
     }

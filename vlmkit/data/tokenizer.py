@@ -139,17 +139,21 @@ def _default_template(config: dict[str, Any], source: Path) -> str | None:
     return template
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2,
+                    split_digits: bool = True) -> Tokenizer:
     """Train a byte-level BPE on `texts` (any iterator of strings) for a from-scratch model.
 
     Byte-level means every string is encodable (no unknown token); the special tokens get the
     first ids, so `<|endoftext|>` = 0 is the pad id.
+
+    `split_digits` (as Llama does) gives every digit its own token: box coordinates then share ten
+    digit embeddings. Without it a run of digits is one word to BPE, so numbers that are frequent in
+    `texts` become single tokens (as location tokens in PaliGemma or Florence-2): a coordinate is then
+    one choice among ordered classes, which a small model learns to read and write far more easily.
     """
     backend = Backend(models.BPE())
-    # Digits are split one by one (as Llama does): box coordinates then share ten well-trained
-    # digit embeddings instead of a thousand rarely seen number tokens.
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=split_digits),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     backend.decoder = decoders.ByteLevel()

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlmkit.io import read_json_file, read_jsonl
+from vlmkit.data.scenes import SCENES_FILE, read_scenes
+from vlmkit.io import read_json_file
 
 T = TypeVar("T")
 
@@ -48,26 +49,11 @@ def scene_object_names(scene: Mapping[str, Any], *, with_shapes: bool = False) -
     return names
 
 
-def read_scenes(data_root: Path, split: str) -> list[dict[str, Any]]:
-    """The rows of ``scenes.jsonl`` that belong to ``split``, in file order."""
-    path = Path(data_root) / "scenes.jsonl"
-    rows = []
-    for n, row in enumerate(read_jsonl(path, f": is {data_root} a shapes-world data directory (vlmkit synth)?"), 1):
-        for key in ("image", "split", "objects"):
-            if key not in row:
-                raise ValueError(f"{path}:{n}: scene has no {key!r} field")
-        if row["split"] == split:
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} has no scenes of split {split!r}")
-    return rows
-
-
 def shapes_world_dataset(data_root: str | Path, split: str = "test") -> ObjectDataset:
     """Shapes-world scenes of ``split`` with ``"colour shape"`` objects; the vocabulary is every object
     seen in the split (held-out pairs of other splits are never asked about)."""
     root = Path(data_root)
-    scenes = read_scenes(root, split)
+    scenes = read_scenes(root / SCENES_FILE, split)
     images = [AnnotatedImage(s["image"], frozenset(scene_object_names(s)), s) for s in scenes]
     vocabulary = tuple(sorted(set().union(*(im.objects for im in images))))
     return ObjectDataset(images, root, vocabulary, "shapes-world")

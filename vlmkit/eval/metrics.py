@@ -265,15 +265,15 @@ def _rows(results: Mapping[str, Any], types: Sequence[str]) -> dict[str, float |
     return rows
 
 
-def markdown_table(results: Mapping[str, Any], compositional: Mapping[str, Any] | None = None) -> str:
-    """A markdown table of `score` results: one row per metric, a ``test`` column and, when given, a
-    ``compositional`` column (a held-out split scored by the same `score`).
+def markdown_table(results: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """A markdown table of `score` results: one row per metric, a ``test`` column and one column per
+    held-out split in `extra` (``{name: results}``, each scored by the same `score`).
 
     Rows: overall VQA accuracy; VQA accuracy per type present in either column; POPE F1, accuracy
     and yes-ratio; grounding acc@0.5 and mIoU. Values have 3 decimals; a metric missing from a
     column is shown as "–".
     """
-    columns = [("test", results)] + ([("compositional", compositional)] if compositional is not None else [])
+    columns = [("test", results)] + list((extra or {}).items())
     present: set[str] = set()
     for _, res in columns:
         present |= set(res.get("vqa_accuracy_by_type") or {})

@@ -13,6 +13,10 @@ from vlmkit.eval.metrics import markdown_table, score
 from vlmkit.io import read_jsonl, write_json_atomic
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
+# Held-out splits scored beside the asked one when the data has them: unseen colour-shape pairs, and
+# training's pairs drawn differently (see vlmkit.data.synthetic).
+EXTRA_SPLITS = ("compositional", "variants")
+
 
 def data_root_of(run_dir: Path) -> Path:
     """The data directory a run was trained on (from its run.yaml)."""
@@ -25,8 +29,8 @@ def data_root_of(run_dir: Path) -> Path:
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
              out: str | Path | None = None) -> dict:
-    """Answer every question of `{split}_qa.jsonl` (and `compositional_qa.jsonl` when present), score,
-    write `eval.json` (to `out`, default the run directory) and return the results."""
+    """Answer every question of `{split}_qa.jsonl` (and of the held-out splits `EXTRA_SPLITS` whose files
+    are present), score, write `eval.json` (to `out`, default the run directory) and return the results."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
@@ -34,23 +38,21 @@ def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | N
     answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
     results: dict = {}
     samples: dict[str, list] = {}
-    for name in (split, "compositional"):
+    for name in (split, *EXTRA_SPLITS):
         path = root / f"{name}_qa.jsonl"
-        if name == "compositional" and not path.is_file():
+        if name != split and not path.is_file():
             continue
         records = read_jsonl(path)[:limit]
         with torch.inference_mode():
             predictions = answerer.answer_records(records, root)
-        scored = score(records, predictions)
-        results[name if name == "compositional" else "split"] = scored
+        results[name] = score(records, predictions)
         samples[name] = [{**r, "prediction": p} for r, p in zip(records, predictions)]
-    final = {**results.pop("split"), "split": split}
-    if "compositional" in results:
-        final["compositional"] = results["compositional"]
+    final = {**results.pop(split), "split": split}
+    final.update({name: results[name] for name in EXTRA_SPLITS if name in results})
     final["examples"] = samples[split][:20]
     write_json_atomic(Path(out) if out else run_dir / "eval.json", final)
     return final
 
 
 def print_report(results: dict) -> None:
-    print(markdown_table(results, results.get("compositional")))
+    print(markdown_table(results, {name: results[name] for name in EXTRA_SPLITS if name in results}))

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlmkit import __version__
-from vlmkit.config import LanguageConfig, VisionConfig, from_dict, to_dict
-from vlmkit.io import atomic_directory
+from vlmkit.config import LanguageConfig, VisionConfig
+from vlmkit.models.checkpoint import Checkpointable
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vision import ViT
-from vlmkit.models.vlm import resolve_model_dir
-
-FORMAT = "vlmkit-clip"
 
 
 @dataclass
@@ -32,12 +25,15 @@ class ClipConfig:
     init_temperature: float = 0.07
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(Checkpointable, nn.Module):
     """Image and text towers projected into one embedding space.
 
     The text tower is our decoder LM run causally; like CLIP, a caption is represented by the
     hidden state of its last real token (which has seen the whole caption).
     """
+
+    FORMAT = "vlmkit-clip"
+    CONFIG = ClipConfig
 
     def __init__(self, cfg: ClipConfig):
         super().__init__()
@@ -66,35 +62,3 @@ class DualEncoder(nn.Module):
         logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img.float() @ txt.float().t()
         targets = torch.arange(logits.shape[0], device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        with atomic_directory(directory) as tmp:
-            self.write(tmp, tokenizer)
-
-    def write(self, directory: Path, tokenizer=None) -> None:
-        meta = {"format": FORMAT, "vlmkit_version": __version__, "model": to_dict(self.config)}
-        (directory / "config.json").write_text(json.dumps(meta, indent=2))
-        save_model(self, str(directory / "model.safetensors"))
-        if tokenizer is not None:
-            tokenizer.save(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> DualEncoder:
-        directory = resolve_model_dir(directory)
-        meta = read_model_meta(directory)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{directory} holds a {meta.get('format')!r} model, not a CLIP dual encoder")
-        model = cls(from_dict(ClipConfig, meta["model"], f"{directory}/config.json: model"))
-        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
-        if missing or unexpected:
-            raise ValueError(
-                f"{directory}/model.safetensors: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-            )
-        return model.to(device)
-
-
-def read_model_meta(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
-    return json.loads(path.read_text())

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import LanguageConfig
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.models.attention import attention
-
-IGNORE_INDEX = -100
 
 
 class RMSNorm(nn.Module):

@@ -47,6 +47,9 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if cfg.vision.feature_norm:
         problems.append("vision.feature_norm: true: Llava feeds the selected layer's raw hidden states to its "
                         "projector, without the final norm (train with feature_norm: false)")
+    if cfg.vision.stem != "patchify":
+        problems.append(f"vision.stem {cfg.vision.stem!r}: the vision towers Llava can use (CLIP, SigLIP, DINOv2) "
+                        "make patch tokens with one patchify conv")
     if cfg.vision.pre_layernorm and not cfg.vision.use_cls_token:
         problems.append("vision: a pre-norm tower without a CLS token matches no vision model Llava can use "
                         "(CLIP has both, SigLIP neither)")

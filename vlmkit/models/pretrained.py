@@ -108,6 +108,19 @@ def load_vision_weights(vit: ViT, directory: str | Path) -> None:
     load_into(vit, vision_state_dict_from_hf(state, str(directory), family), str(directory))
 
 
+def tower_weights(directory: str | Path) -> StateDict:
+    """The vision tower's weights (``vision.*``, prefix removed) of a vlmkit model directory: a
+    clip- or dense-stage run's model or a VLM."""
+    path = Path(directory) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+    with safe_open(str(path), framework="pt") as f:
+        weights = {key.removeprefix("vision."): f.get_tensor(key) for key in f.keys() if key.startswith("vision.")}
+    if not weights:
+        raise ValueError(f"{path} holds no vision tower (no vision.* weights)")
+    return weights
+
+
 def load_vision_tower(path: str | Path, **overrides: Any) -> ViT:
     """A vision tower from an HF directory (`clip_vision_model`, `clip`, `siglip_vision_model`,
     `siglip`, `dinov2`), in eval mode. `overrides` change VisionConfig fields such as `select_layer`,
@@ -170,6 +183,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 # -- VLMs from pretrained parts ----------------------------------------------------------------
 
 
+def vision_config_from_section(section: dict[str, Any], where: str = "model.vision") -> VisionConfig:
+    """A VisionConfig from a `model.vision` section: a checkpoint's settings when it names one
+    (`pretrained: DIR`), overridden by the section's other keys."""
+    section = dict(section)
+    if section.get("pretrained"):
+        section = {**to_dict(vision_config_from_dir(section["pretrained"])), **section}
+    return from_dict(VisionConfig, section, where)
+
+
 def model_config_from_parts(model: dict[str, Any], vocab_size: int, image_token_id: int,
                             where: str = "model") -> ModelConfig:
     """A ModelConfig from a run config's `model:` section whose `vision` and/or `lm` may name HF
@@ -181,9 +203,7 @@ def model_config_from_parts(model: dict[str, Any], vocab_size: int, image_token_
     from the section alone, with the tokenizer's vocabulary.
     """
     data = dict(model)
-    vision = dict(data.get("vision") or {})
-    if vision.get("pretrained"):
-        data["vision"] = {**to_dict(vision_config_from_dir(vision["pretrained"])), **vision}
+    data["vision"] = to_dict(vision_config_from_section(data.get("vision") or {}, f"{where}.vision"))
     lm = dict(data.get("lm") or {})
     if lm.get("pretrained"):
         base = to_dict(lm_config_from_dir(lm["pretrained"]))

@@ -16,20 +16,42 @@ ACTIVATIONS = {
 }
 
 
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """log2(patch_size) 3x3 stride-2 convs (BatchNorm + GELU), channels doubling up to hidden_size.
+
+    With the 1x1 `proj` after it, it replaces the patchify conv (Xiao et al. 2021): same token grid,
+    but local features first, which a small ViT otherwise has to learn from little data.
+    """
+    depth = cfg.patch_size.bit_length() - 1
+    widths = [cfg.num_channels] + [max(8, cfg.hidden_size >> (depth - 1 - i)) for i in range(depth)]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
 class PatchEmbedding(nn.Module):
-    """Conv patchify + optional CLS token + learned position embeddings (bicubic-resized on demand)."""
+    """Patchify conv (or a conv stem + 1x1 conv) + optional CLS token + learned position embeddings
+    (bicubic-resized on demand)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.stem = conv_stem(cfg)
+            stem_width = self.stem[-3].out_channels
+            self.proj = nn.Conv2d(stem_width, cfg.hidden_size, 1, bias=cfg.patch_bias)
+        else:
+            self.stem = None
+            self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                  bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02) if cfg.use_cls_token else None
         num_positions = cfg.native_grid_size**2 + (1 if cfg.use_cls_token else 0)
         self.position_embedding = nn.Parameter(torch.randn(num_positions, cfg.hidden_size) * 0.02)
         self.base_grid = cfg.native_grid_size
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.proj(pixels).flatten(2).transpose(1, 2)  # [B, P, D]
+        x = self.proj(pixels if self.stem is None else self.stem(pixels)).flatten(2).transpose(1, 2)  # [B, P, D]
         grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
         pos = self.positions_for(grid)
         if self.cls_token is not None:

@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlmkit import __version__
-from vlmkit.config import ModelConfig, to_dict
-from vlmkit.io import atomic_directory
+from vlmkit.config import ModelConfig
+from vlmkit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpointable, resolve_model_dir
 from vlmkit.models.connectors import build_connector
 from vlmkit.models.language import LanguageModel, LMOutput
 from vlmkit.models.vision import ViT
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ImagePlaceholderError", "VisionLanguageModel", "resolve_model_dir"]
 
 
 class ImagePlaceholderError(ValueError):
     """The number of `<image>` placeholder tokens does not match the images given."""
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(Checkpointable, nn.Module):
+    FORMAT = "vlmkit"
+    CONFIG = ModelConfig
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -46,6 +43,17 @@ class VisionLanguageModel(nn.Module):
         grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         features = self.vision(pixel_values.to(self.vision.embeddings.proj.weight.dtype))
         return self.connector(features, grid)
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Tower features [N, P, D_v] (e.g. cached from a frozen tower at the configured image size) ->
+        image tokens [N, T, D_lm]."""
+        size = self.config.vision.image_size
+        grid = self.vision.grid_for(size, size)
+        expected = grid[0] * grid[1] + (self.vision.num_prefix_tokens if self.config.vision.keep_cls else 0)
+        if features.shape[1] != expected:
+            raise ValueError(f"features have {features.shape[1]} positions; a {size} px image gives {expected}")
+        dtype = next(self.connector.parameters()).dtype  # cached features may be stored in bf16
+        return self.connector(features.to(dtype), grid)
 
     def embed(
         self,
@@ -99,8 +107,11 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
         logits: bool = True,
+        image_features: torch.Tensor | None = None,
     ) -> LMOutput:
-        embeds = self.embed(input_ids, pixel_values, image_counts)
+        """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`."""
+        image_embeds = self.project_features(image_features) if image_features is not None else None
+        embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits=logits)
 
     @torch.no_grad()
@@ -118,42 +129,3 @@ class VisionLanguageModel(nn.Module):
         top_p, generator, use_cache)."""
         embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
         return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write config.json + model.safetensors (+ tokenizer files) atomically to `directory`."""
-        with atomic_directory(directory) as tmp:
-            self.write(tmp, tokenizer)
-
-    def write(self, directory: Path, tokenizer=None) -> None:
-        """Write the model files into an existing directory (callers make it atomic)."""
-        meta = {"format": "vlmkit", "vlmkit_version": __version__, "model": to_dict(self.config)}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        save_model(self, str(directory / WEIGHTS_FILE))
-        if tokenizer is not None:
-            tokenizer.save(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VisionLanguageModel:
-        directory = resolve_model_dir(directory)
-        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != "vlmkit":
-            raise ValueError(f"{config_path} is not a vlmkit model config (format={meta.get('format')!r})")
-        model = cls(ModelConfig.from_dict(meta["model"], where=f"{config_path}: model"))
-        missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
-        return model.to(device)
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or a training run directory whose final model lives in `model/`."""
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
-        return path / "model"
-    return path

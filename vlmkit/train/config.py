@@ -10,7 +10,7 @@ import yaml
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
 
-STAGES = ("clip", "align", "instruct")
+STAGES = ("clip", "dense", "align", "instruct")
 
 
 @dataclass
@@ -22,6 +22,17 @@ class DataConfig:
     strict: bool = False  # turn bad records into errors instead of skipping them
     caption_prompt: str = "Describe the image."  # align stage: the question a caption answers
     text_only: str | None = None  # instruct stage: text-only conversations mixed in (LLaVA format)
+    # dense stage: train on this many shapes-world scenes generated on the fly (the spec and held-out
+    # pairs of root/meta.json, another seed) instead of the annotated images of `train`
+    fresh_scenes: int = 0
+    flip: bool = False  # dense stage: mirror images left-right at random (boxes follow)
+    # dense stage, fresh scenes: shares drawn in random non-palette colours / with shapes outside the
+    # vocabulary, so that colour and shape are learnt apart (see vlmkit.data.scenes.SceneDataset.generated)
+    recolor: float = 0.0
+    other_shapes: float = 0.0
+    # Frozen vision towers: keep their features on disk here (keyed by image content, tower weights,
+    # preprocessing and layer), so each image goes through the tower once across runs. Unset: in memory.
+    feature_cache: str | None = None
 
 
 @dataclass
@@ -48,6 +59,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)  # clip stage: the text tower's LanguageConfig
     clip_embed_dim: int = 128
+    dense: dict[str, Any] = field(default_factory=dict)  # dense stage: head options (box_weight, box_digits)
     tokenizer: str | None = None  # directory with tokenizer.json (default: model.lm.pretrained)
     init_from: str | None = None  # a previous stage's run/model dir whose weights start this stage
     vision_from: str | None = None  # a clip-stage run whose vision tower the VLM starts from

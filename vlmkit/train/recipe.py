@@ -1,10 +1,9 @@
 """Multi-stage recipes: one YAML holding shared settings plus a `stages:` section per stage.
 
     model: {...}                   # shared by every stage
-    stages:
-      clip:     {optim: {...}, data: {train: captions_train.jsonl}}
-      align:    {...}
-      instruct: {...}
+    stages:                        # run in this order by `vlmkit demo`
+      dense:    {optim: {...}, data: {fresh_scenes: 40000}}
+      instruct: {vision_from: dense, ...}   # a stage may start from an earlier one by its name
 
 `vlmkit train --config recipe.yaml --stage align` trains one stage; `vlmkit demo` runs them all.
 Sections other than run settings (e.g. `synth`, `tokenizer`, `eval`) are read by the demo only.
@@ -34,6 +33,19 @@ def stage_dict(recipe: dict[str, Any], stage: str, where: str = "recipe") -> dic
         raise ConfigError(f"{where}: no stage {stage!r} under 'stages' (has {sorted(stages)})")
     shared = {k: v for k, v in recipe.items() if k not in RECIPE_ONLY_KEYS}
     return _merge(shared, {**(stages[stage] or {}), "stage": stage})
+
+
+def recipe_stages(recipe: dict[str, Any], where: str = "recipe") -> list[str]:
+    """The recipe's stages in the order they run (the order of `stages:`), each checked to be a known stage."""
+    from vlmkit.train.config import STAGES
+
+    stages = list(recipe.get("stages") or {})
+    if not stages:
+        raise ConfigError(f"{where}: no stages (a `stages:` section with at least one of {list(STAGES)})")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"{where}: unknown stage(s) {unknown} under 'stages'; known stages are {list(STAGES)}")
+    return stages
 
 
 def stage_config(recipe: dict[str, Any], stage: str, overrides: list[str] = (), where: str = "recipe") -> RunConfig:

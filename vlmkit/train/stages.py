@@ -1,6 +1,7 @@
 """Training stages: what model each builds, what is frozen, what data it reads, how it scores itself.
 
 clip     -- vision tower + text tower, contrastive (symmetric InfoNCE), everything trains
+dense    -- vision tower + per-cell heads on object annotations (what is where), everything trains
 align    -- VLM; only the connector trains (vision and LM frozen), on caption pairs
 instruct -- VLM; connector + LM train (vision optionally), on conversations
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmkit.config import ConfigError
+from vlmkit.config import ConfigError, from_dict, to_dict
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.datasets import (
     ConversationDataset,
@@ -24,12 +25,15 @@ from vlmkit.data.datasets import (
     read_records,
 )
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.scenes import SceneDataset, collate_scenes, data_spec, read_scenes, scene_attributes, spec_attributes
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.clip import ClipConfig, DualEncoder
+from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
 from vlmkit.models.hub import load_into
-from vlmkit.models.pretrained import build_vlm, load_vision_weights
+from vlmkit.models.pretrained import build_vlm, load_vision_weights, tower_weights, vision_config_from_section
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 from vlmkit.train.config import RunConfig
+from vlmkit.train.features import tower_features
 
 log = logging.getLogger("vlmkit.train")
 
@@ -41,6 +45,7 @@ def freeze(module: nn.Module, trainable: bool) -> None:
 
 class Stage:
     name = ""
+    needs_tokenizer = True
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         self.cfg = cfg
@@ -61,6 +66,15 @@ class Stage:
     @staticmethod
     def count_tokens(batch: dict) -> int:
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["text_mask"].sum())
+
+    @staticmethod
+    def train_mode(model: nn.Module) -> None:
+        """Training mode for the parts that train; frozen parts stay in eval mode (a frozen conv stem's
+        BatchNorm must keep its running statistics, and cached features were computed in eval mode)."""
+        model.train()
+        for part in model.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
 
 
 class ClipStage(Stage):
@@ -120,6 +134,73 @@ def clip_retrieval(model: DualEncoder, dataset, tokenizer: Tokenizer, limit: int
     }
 
 
+class DenseStage(Stage):
+    """The vision tower (+ throw-away per-cell heads) on object annotations: what is where, per cell."""
+
+    name = "dense"
+    needs_tokenizer = False
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None):
+        super().__init__(cfg, tokenizer)
+        data = cfg.data
+        if data.fresh_scenes:
+            self.spec, self.synth_seed = data_spec(data.root)
+            self.attributes = spec_attributes(self.spec)
+        else:
+            self.rows = {"train": read_scenes(self.data_path(data.train), "train")}
+            if data.val:
+                self.rows["val"] = read_scenes(self.data_path(data.val), "val")
+            self.attributes = scene_attributes(self.rows["train"])
+
+    def build_model(self) -> DenseTower:
+        vision = vision_config_from_section(self.cfg.model.get("vision") or {})
+        options = {k: v for k, v in self.cfg.dense.items() if k not in ("vision", "attributes")}
+        model = DenseTower(from_dict(DenseConfig, {**options, "vision": to_dict(vision), "attributes": self.attributes},
+                                     "dense"))
+        if self.cfg.init_from:
+            model.load_state_dict(DenseTower.from_pretrained(self.cfg.init_from).state_dict())
+        elif vision.pretrained:
+            load_vision_weights(model.vision, vision.pretrained)
+        return model
+
+    def set_trainable(self, model: nn.Module) -> None:
+        freeze(model, True)
+
+    def datasets(self, model: DenseTower) -> tuple:
+        vision = model.config.vision
+        processor, grid = ImageProcessor.from_vision_config(vision), (vision.grid_size, vision.grid_size)
+        data = self.cfg.data
+        if data.fresh_scenes:
+            # Seeds apart from the synth seed: these scenes are neither the split's nor each other's.
+            seed = self.synth_seed * 7919 + 104729
+            train = SceneDataset.generated(self.spec, seed, data.fresh_scenes, processor, grid, data.flip,
+                                           data.recolor, data.other_shapes)
+            val = SceneDataset.generated(self.spec, seed + 1, self.cfg.eval_samples, processor, grid)
+            return train, val
+        make = lambda split, flip: SceneDataset.from_rows(  # noqa: E731
+            self.rows[split], data.root, processor, self.attributes, grid, flip)
+        return make("train", data.flip), make("val", False) if "val" in self.rows else None
+
+    def collate(self, batch: list) -> dict:
+        return collate_scenes(batch)
+
+    def loss(self, model: DenseTower, batch: dict) -> torch.Tensor:
+        return model(**batch)["loss"]
+
+    @staticmethod
+    def count_tokens(batch: dict) -> int:
+        return int(batch["objectness"].numel())  # patch cells
+
+    @torch.no_grad()
+    def evaluate(self, model: DenseTower, val) -> dict:
+        model.eval()
+        n = min(len(val), self.cfg.eval_samples)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate_scenes([val[i] for i in range(n)]).items()}
+        return {**dense_metrics(model.predict(batch["pixel_values"]), batch["objectness"], batch["classes"],
+                                batch["boxes"], list(model.config.attributes)), "val_samples": n}
+
+
 class VLMStage(Stage):
     """Shared by align and instruct: a VisionLanguageModel on conversations.
 
@@ -137,11 +218,12 @@ class VLMStage(Stage):
             return VisionLanguageModel.from_pretrained(self.cfg.init_from)
         model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id)
         if self.cfg.vision_from and model_cfg.vision.pretrained:
-            raise ConfigError("set either vision_from (a clip-stage run) or model.vision.pretrained, not both")
+            raise ConfigError("set either vision_from (a clip- or dense-stage run) or model.vision.pretrained, "
+                              "not both")
         model = build_vlm(model_cfg)
         if self.cfg.vision_from:
-            clip = DualEncoder.from_pretrained(self.cfg.vision_from)
-            load_into(model.vision, clip.vision.state_dict(), f"{resolve_model_dir(self.cfg.vision_from)}: vision")
+            source = resolve_model_dir(self.cfg.vision_from)
+            load_into(model.vision, tower_weights(source), f"{source}: vision")
         return model
 
     def records(self, name: str):
@@ -158,7 +240,19 @@ class VLMStage(Stage):
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train = self.make_dataset(model, self.records(self.cfg.data.train))
         val = self.make_dataset(model, self.records(self.cfg.data.val)) if self.cfg.data.val else None
+        if not any(p.requires_grad for p in model.vision.parameters()):
+            for dataset in (train, val):
+                if dataset is not None:
+                    self.attach_features(model, dataset)
         return train, val
+
+    def attach_features(self, model: VisionLanguageModel, dataset: ConversationDataset) -> None:
+        """A frozen tower runs once per distinct image (and, with data.feature_cache, once across runs)."""
+        if not len(dataset.image_pixels):
+            return  # text only
+        processor = ImageProcessor.from_vision_config(model.config.vision)
+        dataset.use_features(tower_features(model.vision, processor, dataset.image_pixels,
+                                            precision=self.cfg.precision, cache_dir=self.cfg.data.feature_cache))
 
     def collate(self, batch: list) -> dict:
         return collate(batch, self.tokenizer.pad_id)
@@ -166,8 +260,9 @@ class VLMStage(Stage):
     def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
         # Right padding + causal attention: padding never influences real tokens, so no mask is
         # needed and the fast causal kernel is used.
-        return model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"],
-                     image_counts=batch["image_counts"], logits=False).loss
+        return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
+                     image_counts=batch["image_counts"], logits=False,
+                     image_features=batch.get("image_features")).loss
 
     @torch.no_grad()
     def evaluate(self, model: VisionLanguageModel, val) -> dict:
@@ -210,4 +305,5 @@ class InstructStage(VLMStage):
         return train, val
 
 
-STAGE_CLASSES: dict[str, type[Stage]] = {"clip": ClipStage, "align": AlignStage, "instruct": InstructStage}
+STAGE_CLASSES: dict[str, type[Stage]] = {"clip": ClipStage, "dense": DenseStage, "align": AlignStage,
+                                         "instruct": InstructStage}

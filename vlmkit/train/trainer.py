@@ -89,6 +89,30 @@ def dataset_lengths(dataset) -> list[int]:
     return list(lengths) if lengths is not None else [1] * len(dataset)
 
 
+class StepClock:
+    """Wall time per phase of the training step, summed until read (CUDA is synchronised at each lap)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def start(self) -> None:
+        self.sync()
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def read(self, steps: int) -> dict[str, float]:
+        out = {phase: round(1000 * total / max(1, steps), 1) for phase, total in self.totals.items()}
+        self.totals = {}
+        return out
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None):
         self.cfg = cfg
@@ -97,8 +121,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        self.tokenizer = self._load_tokenizer()
-        self.stage: Stage = STAGE_CLASSES[cfg.stage](cfg, self.tokenizer)
+        stage_class = STAGE_CLASSES[cfg.stage]
+        self.tokenizer = self._load_tokenizer() if stage_class.needs_tokenizer else None
+        self.stage: Stage = stage_class(cfg, self.tokenizer)
         self.model = self.stage.build_model()
         self.stage.set_trainable(self.model)
         self.model.to(self.device)
@@ -107,6 +132,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.state = TrainState()
+        self.clock = StepClock(self.device)
 
     def _load_tokenizer(self) -> Tokenizer:
         source = self.cfg.tokenizer or self.cfg.init_from or self.cfg.pretrained_lm or self.cfg.vision_from
@@ -121,7 +147,7 @@ class Trainer:
         cfg, opt = self.cfg, self.cfg.optim
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "run.yaml").write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
-        self.model.train()
+        self.stage.train_mode(self.model)
         last = opt.steps if stop_after is None else min(opt.steps, stop_after)
         bar = tqdm(total=opt.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
                    mininterval=2.0, disable=None)
@@ -148,25 +174,31 @@ class Trainer:
         return self.finish()
 
     def train_step(self) -> tuple[float, int, int]:
-        opt = self.cfg.optim
+        opt, clock = self.cfg.optim, self.clock
         self.optimizer.zero_grad(set_to_none=True)
         total_loss, tokens, samples = 0.0, 0, 0
         for _ in range(opt.grad_accum):
+            clock.start()
             indices = self.stream.batch(self.state.batches_seen)
             self.state.batches_seen += 1
             self.state.samples_seen += len(indices)
             batch = self._to_device(self.stage.collate([self.train_set[i] for i in indices]))
+            clock.lap("data")
             with autocast(self.device, self.cfg.precision):
                 loss = self.stage.loss(self.model, batch) / opt.grad_accum
+            clock.lap("forward")
             loss.backward()
             total_loss += float(loss.detach())
+            clock.lap("backward")
             tokens += self.stage.count_tokens(batch)
             samples += len(indices)
+        clock.start()
         if opt.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            opt.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        clock.lap("optimizer")
         return total_loss, tokens, samples
 
     def _to_device(self, batch: dict) -> dict:
@@ -181,6 +213,8 @@ class Trainer:
             "tokens_per_s": window["tokens"] / elapsed,
             "samples_per_s": window["samples"] / elapsed,
             "samples_seen": self.state.samples_seen,
+            # where a step's time went (ms per step: batch assembly, forward + loss, backward, optimizer)
+            "ms_per_step": self.clock.read(window["steps"]),
             "time": time.time(),
         }
         with open(self.run_dir / "metrics.jsonl", "a") as f:

@@ -1,0 +1,72 @@
+"""One model-directory format for every vlmkit model: ``config.json`` (a format tag, the vlmkit version
+and the model's config) + ``model.safetensors`` (+ tokenizer files), written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from vlmkit import __version__
+from vlmkit.config import from_dict, to_dict
+from vlmkit.io import atomic_directory
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or a training run directory whose final model lives in `model/`."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    return path
+
+
+def read_model_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+    return json.loads(path.read_text())
+
+
+class Checkpointable:
+    """`save_pretrained` / `write` / `from_pretrained` for an ``nn.Module`` with a dataclass ``config``.
+
+    Subclasses name their `FORMAT` (the tag in config.json) and `CONFIG` (the config dataclass)."""
+
+    FORMAT: ClassVar[str]
+    CONFIG: ClassVar[type]
+    config: Any
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write config.json + model.safetensors (+ tokenizer files) atomically to `directory`."""
+        with atomic_directory(directory) as tmp:
+            self.write(tmp, tokenizer)
+
+    def write(self, directory: Path, tokenizer=None) -> None:
+        """Write the model files into an existing directory (callers make it atomic)."""
+        meta = {"format": self.FORMAT, "vlmkit_version": __version__, "model": to_dict(self.config)}
+        (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        save_model(self, str(Path(directory) / WEIGHTS_FILE))
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        directory = resolve_model_dir(directory)
+        meta = read_model_meta(directory)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: is {directory} a vlmkit model directory?")
+        if meta.get("format") != cls.FORMAT:
+            raise ValueError(f"{directory / CONFIG_FILE} holds a {meta.get('format')!r} model, not a {cls.FORMAT!r} "
+                             f"one ({cls.__name__})")
+        model = cls(from_dict(cls.CONFIG, meta["model"], f"{directory / CONFIG_FILE}: model"))
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"{weights}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
+        return model.to(device)
