@@ -1,4 +1,4 @@
-"""What a VLM trained from pretrained parts (configs/smol-dino.yaml) learned, and what its LM kept.
+"""What a VLM trained from pretrained parts (vlmkit/recipes/smol-dino.yaml) learned, and what its LM kept.
 
 Prints, and writes as JSON:
   * captions generated for held-out pictures (emoji and Tux Paint stamps) next to the truth;

@@ -14,7 +14,8 @@ import yaml
 from vlmkit.commands.demo import tokenizer_texts
 from vlmkit.data.synthetic import write_dataset
 from vlmkit.data.tokenizer import train_tokenizer
-from vlmkit.train.config import ConfigError, load_run_config
+from vlmkit.train.config import ConfigError
+from vlmkit.train.recipe import load_run_config
 from vlmkit.train.recipe import stage_config
 from vlmkit.train.trainer import BatchStream, Trainer, resume
 

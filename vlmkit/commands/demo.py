@@ -1,7 +1,9 @@
-"""`vlmkit demo [--out DIR]`: synth -> tokenizer -> the recipe's stages in order -> eval, offline, on CPU.
+"""`vlmkit demo [--out DIR] [--recipe NAME|FILE]`: synth -> tokenizer -> the recipe's stages in order -> eval.
 
-The recipe is `configs/demo.yaml`. Leaves DIR/data, one run directory per stage (DIR/<stage>; the last
-one holds the final model) and DIR/eval.json.
+Offline, on CPU. The recipe is the built-in `demo` (vlmkit/recipes/demo.yaml) unless another is named.
+Leaves DIR/data, one run directory per stage (DIR/<stage>; the last one holds the final model) and
+DIR/eval.json. A stage starts from an earlier one when a key it declares in `starts_from` (e.g.
+`vision_from: dense`) names that stage.
 """
 
 from __future__ import annotations
@@ -11,15 +13,11 @@ import json
 import time
 from pathlib import Path
 
-import vlmkit
-
-DEFAULT_RECIPE = Path(vlmkit.__file__).resolve().parent.parent / "configs" / "demo.yaml"
-STARTS_FROM = ("vision_from", "init_from")  # keys that may name an earlier stage of the recipe
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="the recipe (default: configs/demo.yaml)")
+    p.add_argument("--recipe", "--config", dest="recipe", default="demo",
+                   help="a built-in recipe's name or a recipe YAML (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value in every stage, e.g. --set optim.batch_size=16")
     p.add_argument("--skip-synth", action="store_true", help="reuse DIR/data from an earlier run")
@@ -38,12 +36,12 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.data.synthetic import write_dataset
     from vlmkit.data.tokenizer import train_tokenizer
     from vlmkit.eval.run_eval import evaluate, print_report
-    from vlmkit.train.config import read_yaml
-    from vlmkit.train.recipe import recipe_stages, stage_config
+    from vlmkit.train.recipe import read_recipe, recipe_stages, stage_config
+    from vlmkit.train.stages import stage_class
     from vlmkit.train.trainer import Trainer
 
     started = time.perf_counter()
-    recipe = read_yaml(args.config)
+    recipe = read_recipe(args.recipe)
     out = Path(args.out)
     data_dir, tok_dir = out / "data", out / "data" / "tokenizer"
     timings: dict[str, float] = {}
@@ -57,15 +55,15 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.save(tok_dir)
     timings["synth"] = time.perf_counter() - t
 
-    stages = recipe_stages(recipe, args.config)
+    stages = recipe_stages(recipe, args.recipe)
     for stage in stages:
         t = time.perf_counter()
         paths = {"out": str(out / stage), "tokenizer": str(tok_dir), "data.root": str(data_dir)}
         # A stage starts from an earlier one by naming it (`vision_from: dense`): its run directory here.
-        paths.update({key: str(out / recipe["stages"][stage][key]) for key in STARTS_FROM
+        paths.update({key: str(out / recipe["stages"][stage][key]) for key in stage_class(stage).starts_from
                       if (recipe["stages"][stage] or {}).get(key) in recipe["stages"]})
         overrides = [f"{k}={v}" for k, v in paths.items()] + list(args.overrides)
-        cfg = stage_config(recipe, stage, overrides, args.config)
+        cfg = stage_config(recipe, stage, overrides, args.recipe)
         print(f"[demo] stage {stage}: {cfg.optim.steps} steps x {cfg.optim.batch_size * cfg.optim.grad_accum} samples")
         results = Trainer(cfg).fit()
         print(f"[demo] {stage} done in {time.perf_counter() - t:.0f}s: "

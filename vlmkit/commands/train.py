@@ -7,10 +7,9 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vlmkit.train.config import STAGES
-
-    p.add_argument("--config", help="a run config YAML (see configs/)")
-    p.add_argument("--stage", choices=STAGES, help="which stage of a multi-stage recipe")
+    p.add_argument("--config", help="a run config or recipe YAML, or a built-in recipe's name (demo, smol-dino)")
+    p.add_argument("--stage", help="which stage of a multi-stage recipe (see --list-stages)")
+    p.add_argument("--list-stages", action="store_true", help="print the registered stages and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
@@ -18,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmkit.train.config import load_run_config
+    from vlmkit.train.recipe import load_run_config
+    from vlmkit.train.stages import stage_table
     from vlmkit.train.trainer import Trainer, resume
 
+    if args.list_stages:
+        print(stage_table())
+        return 0
     overrides = args.overrides + (["data.strict=true"] if args.strict else [])
     if bool(args.config) == bool(args.resume):
         raise ValueError("give exactly one of --config X.yaml or --resume RUN_DIR")

@@ -1,4 +1,7 @@
-"""Run configuration: one YAML file per stage, `--set key.sub=value` overrides, strict keys."""
+"""Run configuration: the settings of one stage's run, `--set key.sub=value` overrides, strict keys.
+
+Reading a YAML file (a single-stage config or a multi-stage recipe) is `vlmkit.train.recipe`'s job.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,6 @@ from typing import Any
 import yaml
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
-
-STAGES = ("clip", "dense", "align", "instruct")
-
 
 @dataclass
 class DataConfig:
@@ -53,7 +53,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    stage: str = "instruct"
+    stage: str = "instruct"  # a registered stage (vlmkit.train.stages.STAGES)
     out: str = "runs/run"
     # A ModelConfig; `vision` and `lm` may each name an HF checkpoint (`pretrained: DIR`) to start from.
     model: dict[str, Any] = field(default_factory=dict)
@@ -74,8 +74,6 @@ class RunConfig:
     eval_samples: int = 256  # val examples used for the end-of-stage evaluation
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage: {self.stage!r} is not one of {list(STAGES)}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp32']")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
@@ -131,20 +129,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
-
-
-def load_run_config(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> RunConfig:
-    """A run config from a single-stage YAML, or from a recipe (with `stages:`) and a stage name."""
-    from vlmkit.train.recipe import stage_config
-
-    data = read_yaml(path)
-    if "stages" in data:
-        if stage is None:
-            raise ConfigError(f"{path} is a multi-stage recipe: choose a stage with --stage {sorted(data['stages'])}")
-        return stage_config(data, stage, overrides, str(path))
-    if stage is not None:
-        data["stage"] = stage
-    return run_config_from_dict(apply_overrides(data, list(overrides)), str(path))
 
 
 def run_config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:

@@ -1,4 +1,4 @@
-"""Multi-stage recipes: one YAML holding shared settings plus a `stages:` section per stage.
+"""Recipes: one YAML holding shared settings plus a `stages:` section per stage, and config files.
 
     model: {...}                   # shared by every stage
     stages:                        # run in this order by `vlmkit demo`
@@ -7,14 +7,17 @@
 
 `vlmkit train --config recipe.yaml --stage align` trains one stage; `vlmkit demo` runs them all.
 Sections other than run settings (e.g. `synth`, `tokenizer`, `eval`) are read by the demo only.
+A single-stage config (no `stages:`) is read by `load_run_config` too.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vlmkit.config import ConfigError
-from vlmkit.train.config import RunConfig, apply_overrides, run_config_from_dict
+from vlmkit.train.config import RunConfig, apply_overrides, read_yaml, run_config_from_dict
+from vlmkit.train.stages import STAGES, stage_class
 
 RECIPE_ONLY_KEYS = ("stages", "synth", "tokenizer_training", "eval", "examples")
 
@@ -37,8 +40,6 @@ def stage_dict(recipe: dict[str, Any], stage: str, where: str = "recipe") -> dic
 
 def recipe_stages(recipe: dict[str, Any], where: str = "recipe") -> list[str]:
     """The recipe's stages in the order they run (the order of `stages:`), each checked to be a known stage."""
-    from vlmkit.train.config import STAGES
-
     stages = list(recipe.get("stages") or {})
     if not stages:
         raise ConfigError(f"{where}: no stages (a `stages:` section with at least one of {list(STAGES)})")
@@ -49,5 +50,53 @@ def recipe_stages(recipe: dict[str, Any], where: str = "recipe") -> list[str]:
 
 
 def stage_config(recipe: dict[str, Any], stage: str, overrides: list[str] = (), where: str = "recipe") -> RunConfig:
-    return run_config_from_dict(apply_overrides(stage_dict(recipe, stage, where), list(overrides)),
-                                f"{where} (stage {stage})")
+    return checked(run_config_from_dict(apply_overrides(stage_dict(recipe, stage, where), list(overrides)),
+                                        f"{where} (stage {stage})"))
+
+
+def checked(cfg: RunConfig) -> RunConfig:
+    """A registered stage (or a ConfigError listing them) that can start from what the config names."""
+    stage = stage_class(cfg.stage)
+    for key in ("init_from", "vision_from"):
+        if getattr(cfg, key) and key not in stage.starts_from:
+            raise ConfigError(f"{key}: the {cfg.stage} stage does not start from another run's {key.split('_')[0]} "
+                              f"(it takes {', '.join(stage.starts_from)})")
+    return cfg
+
+
+BUILT_IN = Path(__file__).resolve().parent.parent / "recipes"  # shipped in the wheel as package data
+
+
+def built_in_recipes() -> list[str]:
+    return sorted(p.stem for p in BUILT_IN.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A config file's path, or a built-in recipe's by name (`demo`, `smol-dino`); paths win over names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    built_in = BUILT_IN / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and built_in.is_file():
+        return built_in
+    raise FileNotFoundError(f"{name_or_path}: no such config file, and no built-in recipe of that name "
+                            f"(built-in: {', '.join(built_in_recipes())})")
+
+
+def read_recipe(name_or_path: str | Path) -> dict[str, Any]:
+    return read_yaml(resolve_recipe(name_or_path))
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), stage: str | None = None) -> RunConfig:
+    """A run config from a single-stage YAML, or from a recipe (with `stages:`) and a stage name.
+
+    `path` may also name a built-in recipe (`vlmkit train --config demo --stage dense`).
+    """
+    data = read_recipe(path)
+    if "stages" in data:
+        if stage is None:
+            raise ConfigError(f"{path} is a multi-stage recipe: choose a stage with --stage {sorted(data['stages'])}")
+        return stage_config(data, stage, overrides, str(path))
+    if stage is not None:
+        data["stage"] = stage
+    return checked(run_config_from_dict(apply_overrides(data, list(overrides)), str(path)))

@@ -1,9 +1,8 @@
-"""Training stages: what model each builds, what is frozen, what data it reads, how it scores itself.
+"""Training stages, and the one registry of them (`STAGES`) that configs, `vlmkit train` and recipes read.
 
-clip     -- vision tower + text tower, contrastive (symmetric InfoNCE), everything trains
-dense    -- vision tower + per-cell heads on object annotations (what is where), everything trains
-align    -- VLM; only the connector trains (vision and LM frozen), on caption pairs
-instruct -- VLM; connector + LM train (vision optionally), on conversations
+Each stage declares what it trains, what data it reads and which earlier stage's run it may start from,
+and implements what model it builds, what it freezes, its datasets, its loss and how it scores itself.
+`vlmkit train --list-stages` prints the table.
 """
 
 from __future__ import annotations
@@ -45,6 +44,10 @@ def freeze(module: nn.Module, trainable: bool) -> None:
 
 class Stage:
     name = ""
+    trains = ""  # what trains (and what is frozen), in words
+    reads = ""  # the data it reads, in words
+    # Run-config keys that may name an earlier stage of a recipe whose model this stage starts from.
+    starts_from: tuple[str, ...] = ("init_from",)
     needs_tokenizer = True
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
@@ -77,8 +80,28 @@ class Stage:
                 part.eval()
 
 
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(stage: type[Stage]) -> type[Stage]:
+    """Make a stage known by its name to configs, `vlmkit train` and recipes."""
+    if stage.name in STAGES:
+        raise ValueError(f"a stage named {stage.name!r} is already registered ({STAGES[stage.name].__name__})")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        raise ConfigError(f"stage: {name!r} is not one of {list(STAGES)}")
+    return STAGES[name]
+
+
+@register
 class ClipStage(Stage):
     name = "clip"
+    trains = "a vision tower + a small text tower, contrastive (symmetric InfoNCE); everything trains"
+    reads = "image-caption pairs (JSON Lines)"
 
     def build_model(self) -> DualEncoder:
         vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id or 0).vision
@@ -134,10 +157,13 @@ def clip_retrieval(model: DualEncoder, dataset, tokenizer: Tokenizer, limit: int
     }
 
 
+@register
 class DenseStage(Stage):
     """The vision tower (+ throw-away per-cell heads) on object annotations: what is where, per cell."""
 
     name = "dense"
+    trains = "the vision tower + per-cell heads (objectness, attributes, box); everything trains"
+    reads = "object annotations (shapes-world scenes.jsonl), or scenes generated on the fly"
     needs_tokenizer = False
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None):
@@ -207,6 +233,8 @@ class VLMStage(Stage):
     A pretrained tokenizer without the `<image>` placeholder gets it added (the LM's vocabulary grows
     by one row to match; see `model_config_from_parts`).
     """
+
+    starts_from = ("init_from", "vision_from")
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
@@ -278,8 +306,11 @@ class VLMStage(Stage):
         return {"val_loss": total / max(1, batches), "val_samples": n}
 
 
+@register
 class AlignStage(VLMStage):
     name = "align"
+    trains = "the connector only (vision tower and LM frozen)"
+    reads = "image-caption pairs, as \"Describe the image.\" -> caption"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model, False)
@@ -289,8 +320,11 @@ class AlignStage(VLMStage):
         return caption_records(self.data_path(name), prompt=self.cfg.data.caption_prompt, strict=self.cfg.data.strict)
 
 
+@register
 class InstructStage(VLMStage):
     name = "instruct"
+    trains = "connector + LM (+ the vision tower with optim.train_vision)"
+    reads = "conversations (LLaVA JSON), optionally text-only ones mixed in"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model.vision, self.cfg.optim.train_vision)
@@ -305,5 +339,9 @@ class InstructStage(VLMStage):
         return train, val
 
 
-STAGE_CLASSES: dict[str, type[Stage]] = {"clip": ClipStage, "dense": DenseStage, "align": AlignStage,
-                                         "instruct": InstructStage}
+def stage_table() -> str:
+    """The registered stages as a markdown table (`vlmkit train --list-stages`)."""
+    rows = ["| stage | trains | reads | may start from |", "|---|---|---|---|"]
+    rows += [f"| `{s.name}` | {s.trains} | {s.reads} | {', '.join(f'`{k}`' for k in s.starts_from)} |"
+             for s in STAGES.values()]
+    return "\n".join(rows)

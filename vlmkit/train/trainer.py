@@ -30,9 +30,10 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast, resolve_device
 from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
-from vlmkit.train.config import RunConfig, load_run_config, run_config_to_dict
+from vlmkit.train.config import RunConfig, run_config_to_dict
+from vlmkit.train.recipe import load_run_config
 from vlmkit.train.optim import build_optimizer, build_scheduler
-from vlmkit.train.stages import STAGE_CLASSES, Stage
+from vlmkit.train.stages import Stage, stage_class
 
 log = logging.getLogger("vlmkit.train")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -121,9 +122,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
-        stage_class = STAGE_CLASSES[cfg.stage]
-        self.tokenizer = self._load_tokenizer() if stage_class.needs_tokenizer else None
-        self.stage: Stage = stage_class(cfg, self.tokenizer)
+        stage_type = stage_class(cfg.stage)
+        self.tokenizer = self._load_tokenizer() if stage_type.needs_tokenizer else None
+        self.stage: Stage = stage_type(cfg, self.tokenizer)
         self.model = self.stage.build_model()
         self.stage.set_trainable(self.model)
         self.model.to(self.device)

@@ -1,0 +1,68 @@
+"""A wheel is the whole product: built, installed outside the source tree, it runs a recipe on its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY_RECIPE = {  # the built-in demo's shape, a few steps of each stage
+    "synth": {"seed": 0, "n": 40, "image_size": 32, "records": "questions", "object_lists": True},
+    "tokenizer_training": {"vocab_size": 300},
+    "eval": {"split": "test", "limit": 8},
+    "precision": "fp32",
+    "log_every": 1,
+    "model": {
+        "vision": {"image_size": 32, "patch_size": 8, "stem": "conv", "hidden_size": 32, "num_layers": 1,
+                   "num_heads": 2, "intermediate_size": 64},
+        "lm": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64},
+        "connector": {"name": "mlp2x_gelu"},
+    },
+    "stages": {
+        "dense": {"data": {"fresh_scenes": 64}, "optim": {"steps": 2, "batch_size": 8, "warmup_steps": 1}},
+        "instruct": {"vision_from": "dense", "data": {"train": "train.json", "max_length": 400},
+                     "optim": {"steps": 2, "batch_size": 4, "warmup_steps": 1}},
+    },
+}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_installed_wheel_runs_built_in_and_own_recipes(tmp_path):
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+         str(ROOT)], cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("vlmkit-*.whl"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    python = venv / "bin" / "python"
+    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).strip())
+    # The dependencies (torch, ...) come from this environment's site-packages as a plain path entry: its
+    # .pth files (among them the source tree's editable-install hook) are not processed.
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], tmp_path)
+
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    where = run([str(python), "-c", "import vlmkit; print(vlmkit.__file__)"], tmp_path, env).strip()
+    assert where.startswith(str(site)), f"vlmkit imported from {where}, not from the installed wheel"
+    stages = run([str(venv / "bin" / "vlmkit"), "train", "--list-stages"], tmp_path, env)
+    assert "| `dense` |" in stages and "| `instruct` |" in stages
+    built_in = run([str(python), "-c", "from vlmkit.train.recipe import read_recipe\n"
+                    "print(sorted(read_recipe('demo')['stages']), sorted(read_recipe('smol-dino')['stages']))"],
+                   tmp_path, env)
+    assert "'instruct'" in built_in
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE, sort_keys=False))
+    out = run([str(venv / "bin" / "vlmkit"), "demo", "--recipe", "tiny.yaml", "--out", "demo"], tmp_path, env)
+    assert "stage instruct" in out
+    assert (tmp_path / "demo" / "instruct" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "eval.json").is_file()
