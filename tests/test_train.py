@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from vlmkit.commands.demo import tokenizer_texts
-from vlmkit.data.synthetic import write_dataset
+from vlmkit.data.shapes_world import write_dataset
 from vlmkit.data.tokenizer import train_tokenizer
 from vlmkit.train.config import ConfigError, load_run_config
 from vlmkit.train.recipe import stage_config
