@@ -110,7 +110,7 @@ def _digest(data) -> str:
 def make_data(recipe: Recipe, out: Path) -> Path:
     """The variant's shapes-world data and tokenizer (shared by variants with the same settings)."""
     from vlmkit.commands.demo import tokenizer_texts
-    from vlmkit.data.synthetic import write_dataset
+    from vlmkit.data.shapes_world import write_dataset
     from vlmkit.data.tokenizer import train_tokenizer
 
     settings = {"synth": recipe.get("synth", {}), "tokenizer": recipe.get("tokenizer_training", {})}

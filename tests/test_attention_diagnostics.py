@@ -8,7 +8,7 @@ import torch
 
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.images import ImageProcessor, load_image
-from vlmkit.data.synthetic import write_dataset
+from vlmkit.data.shapes_world import write_dataset
 from vlmkit.eval.attention import (
     attention_diagnostics,
     gap_statistics,

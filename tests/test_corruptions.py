@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.data.synthetic import SceneSpec, generate_scene, render_scene
+from vlmkit.data.shapes_world import SceneSpec, generate_scene, render_scene
 from vlmkit.eval.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt
 
 

@@ -10,7 +10,7 @@ import yaml
 from vlmkit.config import ConfigError, VisionConfig
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.scenes import SceneDataset, cell_targets, collate_scenes, data_spec, read_scenes
-from vlmkit.data.synthetic import generate_scene, write_dataset
+from vlmkit.data.shapes_world import generate_scene, write_dataset
 from vlmkit.models.dense import DenseConfig, DenseTower, box_bin_targets
 from vlmkit.models.pretrained import tower_weights
 from vlmkit.models.vision import ViT
@@ -86,7 +86,7 @@ def test_dense_tower_learns_cells_of_generated_scenes():
 
 
 def data_spec_for_tests():
-    from vlmkit.data.synthetic import SceneSpec
+    from vlmkit.data.shapes_world import SceneSpec
 
     return SceneSpec(image_size=32, max_objects=3, sizes={"small": 0.25, "large": 0.4})
 
@@ -243,6 +243,6 @@ def test_decorrelating_scenes_hide_unnamed_attributes_and_never_draw_held_out_pa
     with pytest.raises(ValueError, match="other_shapes needs shapes outside"):
         from dataclasses import replace
 
-        from vlmkit.data.synthetic import ALL_SHAPES
+        from vlmkit.data.shapes_world import ALL_SHAPES
         SceneDataset.generated(replace(spec, shapes=ALL_SHAPES, exclude_pairs=frozenset()), 0, 4, processor, (6, 6),
                                other_shapes=0.5)

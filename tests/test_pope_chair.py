@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmkit.data.synthetic import ALL_COLORS, ALL_SHAPES
+from vlmkit.data.shapes_world import ALL_COLORS, ALL_SHAPES
 from vlmkit.eval.annotations import AnnotatedImage, ObjectDataset, coco_dataset, shapes_world_dataset
 from vlmkit.eval.chair import Lexicon, chair, shapes_world_chair_i, shapes_world_lexicon
 from vlmkit.eval.pope import build_pope, pope_question, pope_scores
@@ -99,7 +99,7 @@ def test_coco_dataset(tmp_path):
 
 
 def test_shapes_world_dataset(tmp_path):
-    from vlmkit.data.synthetic import write_dataset
+    from vlmkit.data.shapes_world import write_dataset
 
     write_dataset(tmp_path, seed=0, n=20, image_size=48)
     ds = shapes_world_dataset(tmp_path, "test")

@@ -10,7 +10,7 @@ from vlmkit.cli import main
 from vlmkit.commands.demo import tokenizer_texts
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.images import ImageProcessor
-from vlmkit.data.synthetic import write_dataset
+from vlmkit.data.shapes_world import write_dataset
 from vlmkit.models.vlm import VisionLanguageModel
 
 from .test_chat import SMOLLM2_TEMPLATE

@@ -7,7 +7,7 @@ import torch
 
 from vlmkit.cli import main
 from vlmkit.config import LanguageConfig
-from vlmkit.data.synthetic import write_dataset
+from vlmkit.data.shapes_world import write_dataset
 from vlmkit.eval.corruptions import CORRUPTIONS
 from vlmkit.eval.reliability import SECTIONS, run_reliability
 from vlmkit.eval.scene_shifts import SCENE_SHIFTS

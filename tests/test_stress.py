@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vlmkit.data.synthetic import (
+from vlmkit.data.shapes_world import (
     DEFAULT_HOLDOUT,
     EXTRA_COLORS,
     PALETTE,

@@ -1,4 +1,4 @@
-"""Tests for the shapes-world synthetic dataset (vlmkit.data.synthetic)."""
+"""Tests for the shapes-world synthetic dataset (vlmkit.data.shapes_world) and its boxes (vlmkit.data.boxes)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.data import synthetic as sw
-from vlmkit.data.synthetic import (
+from vlmkit.data import shapes_world as sw
+from vlmkit.data.boxes import box_iou, denormalize_box, format_box, normalize_box, parse_box
+from vlmkit.data.shapes_world import (
     ALL_COLORS,
     ALL_SHAPES,
     DEFAULT_HOLDOUT,
@@ -24,17 +25,14 @@ from vlmkit.data.synthetic import (
     SPATIAL_MARGIN,
     Scene,
     SceneSpec,
-    box_iou,
     caption_scene,
     cooccurrence_score,
-    format_box,
     generate_scene,
-    normalize_box,
-    parse_box,
     questions_for_scene,
     render_scene,
     write_dataset,
 )
+from vlmkit.data.shapes_world.language import _plural
 
 N = 60
 SPLITS = ("train", "val", "test", "compositional")
@@ -201,7 +199,7 @@ def test_compositional_questions_focus_on_held_out_objects(ds: dict) -> None:
 
 # ------------------------------------------------------------------ answers vs ground truth
 
-_PLURALS = {sw._plural(s): s for s in ALL_SHAPES}
+_PLURALS = {_plural(s): s for s in ALL_SHAPES}
 
 
 _PATTERNS = {
@@ -366,7 +364,7 @@ def test_grounding_answers_round_trip_to_pixel_boxes(ds: dict) -> None:
         scene = ds["scenes"][r["image"]]
         name = r["targets"][0]
         (obj,) = [o for o in _objs(scene) if f"{o['color']} {o['shape']}" == name]
-        px = sw.denormalize_box(parse_box(r["answer"]), scene["width"], scene["height"])
+        px = denormalize_box(parse_box(r["answer"]), scene["width"], scene["height"])
         assert box_iou(px, obj["box"]) > 0.9
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from vlmkit.commands.demo import tokenizer_texts
-from vlmkit.data.synthetic import write_dataset
+from vlmkit.data.shapes_world import write_dataset
 from vlmkit.data.tokenizer import train_tokenizer
 from vlmkit.train.config import ConfigError
 from vlmkit.train.recipe import load_run_config

@@ -33,7 +33,7 @@ def tokenizer_texts(data_dir: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmkit.data.synthetic import write_dataset
+    from vlmkit.data.shapes_world import write_dataset
     from vlmkit.data.tokenizer import train_tokenizer
     from vlmkit.eval.run_eval import evaluate, print_report
     from vlmkit.train.recipe import read_recipe, recipe_stages, stage_config

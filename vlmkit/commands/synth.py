@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmkit.data.synthetic import write_dataset
+    from vlmkit.data.shapes_world import write_dataset
 
     summary = write_dataset(args.out, seed=args.seed, n=args.n, image_size=args.image_size,
                             backgrounds=not args.no_backgrounds)

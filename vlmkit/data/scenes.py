@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.images import ImageProcessor, load_image
-from vlmkit.data.synthetic import ALL_SHAPES, Scene, SceneSpec, generate_scene, render_scene
+from vlmkit.data.shapes_world import ALL_SHAPES, Scene, SceneSpec, generate_scene, render_scene
 from vlmkit.io import read_jsonl
 
 SCENES_FILE = "scenes.jsonl"

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 # The dataset generator owns the box text format, so parsing and IoU come from there.
-from vlmkit.data.synthetic import box_iou, parse_box
+from vlmkit.data.boxes import box_iou, parse_box
 
 __all__ = [
     "QUESTION_TYPES",
@@ -148,7 +148,7 @@ def _parse_pred_box(text: str | None) -> tuple[int, int, int, int] | None:
 def grounding_metrics(predictions: Sequence[str | None], boxes: Sequence[Sequence[float]]) -> dict[str, Any]:
     """Box accuracy of free-text ``<box>x1,y1,x2,y2</box>`` predictions against reference boxes.
 
-    A prediction is parsed with ``vlmkit.data.synthetic.parse_box`` (first ``<box>...</box>`` in the
+    A prediction is parsed with ``vlmkit.data.boxes.parse_box`` (first ``<box>...</box>`` in the
     text, spaces allowed); no box, or one with ``x2 <= x1`` or ``y2 <= y1``, is unparseable and scores
     IoU 0. Boxes must be in the same units as the predictions (normalised [0, 1000] in shapes-world).
 

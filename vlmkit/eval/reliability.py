@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from vlmkit import __version__
-from vlmkit.data.synthetic import CAPTION_PROMPTS
+from vlmkit.data.shapes_world import CAPTION_PROMPTS
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval import chair as chair_lib
 from vlmkit.eval import pope as pope_lib

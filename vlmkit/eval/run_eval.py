@@ -14,7 +14,7 @@ from vlmkit.io import read_jsonl, write_json_atomic
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
 # Held-out splits scored beside the asked one when the data has them: unseen colour-shape pairs, and
-# training's pairs drawn differently (see vlmkit.data.synthetic).
+# training's pairs drawn differently (see vlmkit.data.shapes_world).
 EXTRA_SPLITS = ("compositional", "variants")
 
 

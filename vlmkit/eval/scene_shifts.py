@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlmkit.data.synthetic import (
+from vlmkit.data.shapes_world import (
     EXTRA_COLORS,
     QA,
     Scene,

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from vlmkit.data.images import load_image
-from vlmkit.data.synthetic import CAPTION_PROMPTS, SceneSpec
+from vlmkit.data.shapes_world import CAPTION_PROMPTS, SceneSpec
 from vlmkit.eval.corruptions import CORRUPTIONS, corrupt
 from vlmkit.eval.figures import new_figure, to_png
 from vlmkit.eval.generation import Answerer
