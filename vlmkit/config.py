@@ -190,6 +190,8 @@ class ModelConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     image_token_id: int = 0  # id of the image placeholder token in the tokenizer
+    # How image tokens reach the LM (see models/fusion.py): "splice" writes them over the placeholders.
+    fusion: str = "splice"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:

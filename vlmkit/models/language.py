@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+@dataclass
+class LayerContext:
+    """What a fusion (see models/fusion.py) hands to the decoder layers for one sequence batch.
+
+    Layer i starts with ``hidden = adapters[i](hidden, value)`` (an entry may be None: that layer is
+    left alone). The adapters are modules owned by the fusion, outside the LM, so the LM's parameters
+    and state-dict keys never depend on the fusion.
+    """
+
+    adapters: Sequence[Callable[[torch.Tensor, Any], torch.Tensor] | None]
+    value: Any
+
+    def apply(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        adapter = self.adapters[layer_index]
+        return hidden if adapter is None else adapter(hidden, self.value)
+
+
 class KVCache:
-    """Keys/values for every layer, preallocated to `max_length` so decoding never reallocates."""
+    """Keys/values for every layer, preallocated to `max_length` so decoding never reallocates.
+
+    It also keeps the layer context given with its prefill, so every cached decode step sees it too.
+    """
 
     def __init__(self, cfg: LanguageConfig, batch_size: int, max_length: int, device, dtype: torch.dtype):
         shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
@@ -62,6 +83,7 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.length = 0  # positions filled so far (advanced once per forward, after the last layer)
         self.max_length = max_length
+        self.context: LayerContext | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -113,12 +135,15 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer_index)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None) -> torch.Tensor:
+        if context is not None:  # a fusion's adapter for this layer, e.g. cross-attention to the image
+            x = context.apply(self.layer_index, x)
         x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_norm(x))
 
@@ -206,13 +231,15 @@ class LanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits: bool = True,
+        context: LayerContext | None = None,
     ) -> LMOutput:
         """Run the decoder.
 
         `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). With `labels` [B, L]
         (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
         `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
-        most tokens are image or prompt tokens).
+        most tokens are image or prompt tokens). `context` (from a fusion) reaches every layer; given
+        with a `cache`, the cache keeps it for the later steps, which may then omit it.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -229,8 +256,12 @@ class LanguageModel(nn.Module):
         if mask is None and past > 0 and n > 1:
             # Chunked prefill on top of a cache needs an explicit causal mask.
             mask = attention_mask_for(torch.ones(b, past + n, dtype=torch.long, device=x.device), n, past)
+        if cache is not None:
+            if context is not None:
+                cache.context = context
+            context = cache.context
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, context)
         if cache is not None:
             cache.length += n
         h = self.norm(x)
@@ -258,11 +289,13 @@ class LanguageModel(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        context: LayerContext | None = None,
     ) -> list[list[int]]:
         """Generate up to `max_new_tokens` per row; rows are left-padded prompts (ids or embeddings).
 
         Greedy when `temperature` == 0, else temperature + nucleus (top-p) sampling. Returns each
-        row's new tokens, cut before the first `eos_token_id`.
+        row's new tokens, cut before the first `eos_token_id`. `context` (a fusion's, e.g. the image)
+        reaches the layers at the prefill and at every decode step.
         """
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, prompt_len, _ = embeds.shape
@@ -273,7 +306,8 @@ class LanguageModel(nn.Module):
             raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
         mask = attention_mask.long()
         cache = self.new_cache(b, prompt_len + max_new_tokens, dtype=embeds.dtype) if use_cache else None
-        hidden = self(inputs_embeds=embeds, attention_mask=mask, cache=cache, logits=False).hidden_states[:, -1]
+        hidden = self(inputs_embeds=embeds, attention_mask=mask, cache=cache, context=context,
+                      logits=False).hidden_states[:, -1]
         new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
@@ -285,11 +319,11 @@ class LanguageModel(nn.Module):
                     break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
             step = self.embed_tokens(next_token[:, None])
-            if cache is not None:
+            if cache is not None:  # the cache carries the context from the prefill
                 out = self(inputs_embeds=step, attention_mask=mask, cache=cache, logits=False)
             else:
                 embeds = torch.cat([embeds, step], dim=1)
-                out = self(inputs_embeds=embeds, attention_mask=mask, logits=False)
+                out = self(inputs_embeds=embeds, attention_mask=mask, context=context, logits=False)
             hidden = out.hidden_states[:, -1]
         return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
 

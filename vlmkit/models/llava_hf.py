@@ -44,6 +44,8 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if cfg.connector.name not in SUPPORTED_CONNECTORS:
         problems.append(f"connector {cfg.connector.name!r}: Llava's projector is a linear or 2-layer MLP "
                         f"(supported: {list(SUPPORTED_CONNECTORS)})")
+    if cfg.fusion != "splice":
+        problems.append(f"fusion {cfg.fusion!r}: Llava splices image tokens into the LM's input (fusion: splice)")
     if cfg.vision.feature_norm:
         problems.append("vision.feature_norm: true: Llava feeds the selected layer's raw hidden states to its "
                         "projector, without the final norm (train with feature_norm: false)")

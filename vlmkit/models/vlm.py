@@ -1,4 +1,5 @@
-"""VisionLanguageModel: ViT -> connector -> image tokens spliced into the LM's input embeddings."""
+"""VisionLanguageModel: ViT -> connector -> image tokens fused into the LM (by default spliced into its input
+embeddings; see models/fusion.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from vlmkit.config import ModelConfig
 from vlmkit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpointable, resolve_model_dir
 from vlmkit.models.connectors import build_connector
+from vlmkit.models.fusion import FusionOutput, build_fusion
 from vlmkit.models.language import LanguageModel, LMOutput
 from vlmkit.models.vision import ViT
 
@@ -30,6 +32,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
             cfg.connector, cfg.vision.hidden_size, cfg.lm.hidden_size, 1 if cfg.vision.keep_cls else 0
         )
         self.lm = LanguageModel(cfg.lm)
+        self.fusion = build_fusion(cfg)  # splice has no weights; others keep their per-layer adapters here
         if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
 
@@ -62,7 +65,18 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image tokens written over the `<image>` placeholder positions.
+        """The LM's input embeddings (with `splice`: image tokens written over the `<image>` placeholders);
+        arguments as `fuse`."""
+        return self.fuse(input_ids, pixel_values, image_counts, image_embeds).inputs_embeds
+
+    def fuse(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_counts: torch.Tensor | list[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        """The LM's input embeddings and layer context: the fusion applied to the token embeddings and images.
 
         Images are consumed in reading order: row by row, left to right. `image_counts[b]` (images
         of sample b), when given, is checked against each row's placeholders. `image_embeds`
@@ -80,7 +94,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
                 raise ImagePlaceholderError(
                     f"the batch has {int(per_row.sum())} image placeholder tokens but no images were given"
                 )
-            return embeds
+            return FusionOutput(embeds)
         t = image_embeds.shape[1]
         if image_counts is not None:
             counts = torch.as_tensor(image_counts, device=per_row.device)
@@ -97,7 +111,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
                 f"the batch has {total} image placeholder tokens but {num_images} image(s) x {t} tokens per image "
                 f"= {num_images * t}; each <image> must expand to exactly {t} placeholders"
             )
-        return embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype))
+        return self.fusion(embeds, image_embeds, is_image)
 
     def forward(
         self,
@@ -111,8 +125,9 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     ) -> LMOutput:
         """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`."""
         image_embeds = self.project_features(image_features) if image_features is not None else None
-        embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, logits=logits)
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds)
+        return self.lm(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask, labels=labels, logits=logits,
+                       context=fused.context)
 
     @torch.no_grad()
     def generate(
@@ -124,8 +139,9 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> list[list[int]]:
-        """Generate from left-padded prompts with images spliced in (from `pixel_values`, or `image_embeds`
-        already encoded); `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature,
-        top_p, generator, use_cache)."""
-        embeds = self.embed(input_ids, pixel_values, image_counts, image_embeds)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        """Generate from left-padded prompts with images fused in (from `pixel_values`, or `image_embeds`
+        already encoded); the fusion's layer context reaches every decode step. `kwargs` as
+        `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator, use_cache)."""
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds)
+        return self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask,
+                                context=fused.context, **kwargs)

@@ -41,7 +41,7 @@ class OptimConfig:
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
-    # Per-module learning rates (keys: vision, connector, lm, text, proj); unset modules use `lr`.
+    # Per-module learning rates (keys: vision, connector, fusion, lm, text, proj); unset modules use `lr`.
     module_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.98)

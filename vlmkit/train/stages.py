@@ -315,6 +315,7 @@ class AlignStage(VLMStage):
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model, False)
         freeze(model.connector, True)
+        freeze(model.fusion, True)  # a fusion's adapters (none for splice) train with the connector
 
     def records(self, name: str):
         return caption_records(self.data_path(name), prompt=self.cfg.data.caption_prompt, strict=self.cfg.data.strict)
@@ -329,6 +330,7 @@ class InstructStage(VLMStage):
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model.vision, self.cfg.optim.train_vision)
         freeze(model.connector, True)
+        freeze(model.fusion, True)
         freeze(model.lm, True)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
