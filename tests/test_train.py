@@ -168,3 +168,21 @@ def test_recipe_errors_name_the_problem(tmp_path):
         stage_config({**TINY_RECIPE, "stages": {"pretrain": {}}}, "pretrain")
     cfg = load_run_config(path, ["optim.lr=3e-4", "optim.module_lr={lm: 1e-4}"], stage="instruct")
     assert cfg.optim.lr == 3e-4 and cfg.optim.module_lr == {"lm": 1e-4} and cfg.optim.grad_accum == 2
+
+
+@pytest.mark.parametrize("n,batch_size,seed,window", [(1000, 10, 1, 32), (50, 4, 0, 2), (37, 5, 3, 32), (7, 8, 0, 1)])
+def test_sampler_order_equals_the_batch_stream_order(n, batch_size, seed, window):
+    from vlmkit.train.sampler import ResumableBatchSampler
+
+    lengths = [(i * 37) % 100 for i in range(n)]
+    old = BatchStream(lengths, batch_size, seed, window=window)
+    new = ResumableBatchSampler(lengths, batch_size, seed, window=window)
+    expected = [old.batch(k) for k in range(4 * old.per_epoch)]
+    got = []
+    for epoch in range(4):
+        new.seek(epoch * new.per_epoch)
+        got += list(new)
+    assert got == expected
+    middle = old.per_epoch + old.per_epoch // 2  # mid-epoch 1
+    new.seek(middle)
+    assert list(new) == expected[middle : 2 * old.per_epoch]
