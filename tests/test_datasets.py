@@ -1,5 +1,6 @@
 import json
 import logging
+import pickle
 from functools import partial
 from pathlib import Path
 
@@ -394,6 +395,18 @@ def test_dataloader_workers_share_the_runtime_skip_count(tmp_path, chat, process
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=partial(collate, pad_id=0))
     assert sum(len(batch["image_counts"]) for batch in loader) == 4
     assert ds.runtime_skips == 1
+
+
+def test_datasets_pickle_for_spawned_workers(tmp_path, chat, processor):
+    """DataLoader workers started by "spawn" or "forkserver" receive the dataset pickled."""
+    write_png(tmp_path / "a.png")
+    ds = dataset(tmp_path, chat, processor, [record("a.png"), record(question="hello?")])
+    copy = pickle.loads(pickle.dumps(ds))
+    for i in range(2):
+        assert all(torch.equal(copy[i][k], ds[i][k]) if torch.is_tensor(ds[i][k]) else copy[i][k] == ds[i][k]
+                   for k in ds[i])
+    conversation = record()
+    assert copy.chat.encode(conversation).input_ids == chat.encode(conversation).input_ids
 
 
 # -- caption data -----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Dense supervision of the vision tower: conv stem, per-cell targets, the dense stage, frozen-tower features."""
 
 import json
+import multiprocessing
+import pickle
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from vlmkit.models.pretrained import tower_weights
 from vlmkit.models.vision import ViT
 from vlmkit.train.features import tower_features
 from vlmkit.train.recipe import recipe_stages, stage_config
+from vlmkit.train.sampler import ResumableBatchSampler
 from vlmkit.train.trainer import Trainer
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
@@ -96,19 +99,52 @@ def test_flip_mirrors_image_and_boxes():
     processor = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3)
     plain = SceneDataset.generated(spec, seed=2, count=4, processor=processor, grid=(4, 4))
     flipped = SceneDataset.generated(spec, seed=2, count=4, processor=processor, grid=(4, 4), flip=True)
-    torch.manual_seed(0)
-    mirrored = [i for i in range(4) for _ in range(8) if not torch.equal(flipped[i]["pixel_values"],
-                                                                          plain[i]["pixel_values"])]
-    assert mirrored, "no sample was flipped in 32 draws"
-    i = mirrored[0]
-    sample = flipped[i]
-    while torch.equal(sample["pixel_values"], plain[i]["pixel_values"]):
-        sample = flipped[i]
+    assert flipped.epoch_keyed and not plain.epoch_keyed
+    draws = {(i, epoch): flipped.flipped(i, epoch) for i in range(4) for epoch in range(8)}
+    assert 8 <= sum(draws.values()) <= 24  # about half of the 32 draws
+    assert all(len({draws[i, epoch] for epoch in range(8)}) == 2 for i in range(4))  # each epoch draws anew
+    i, epoch = next(key for key, mirrored in draws.items() if mirrored)
+    sample = flipped[i, epoch]
     assert torch.equal(sample["pixel_values"], plain[i]["pixel_values"].flip(-1))
     boxes = sample["boxes"][sample["objectness"] > 0]
     expected = plain[i]["boxes"][plain[i]["objectness"] > 0]
     mirrored_boxes = torch.stack([1 - expected[:, 2], expected[:, 1], 1 - expected[:, 0], expected[:, 3]], 1)
     assert torch.allclose(boxes.sort(0).values, mirrored_boxes.sort(0).values)
+    j, other = next(key for key, mirrored in draws.items() if not mirrored)
+    assert torch.equal(flipped[j, other]["pixel_values"], plain[j]["pixel_values"])
+    # No global random state: the same key gives the same sample, whatever the generators hold.
+    torch.manual_seed(123)
+    assert torch.equal(flipped[i, epoch]["pixel_values"], sample["pixel_values"])
+    assert torch.equal(flipped[i]["pixel_values"], flipped[i, 0]["pixel_values"])
+    reseeded = SceneDataset.generated(spec, seed=2, count=4, processor=processor, grid=(4, 4), flip=True, flip_seed=1)
+    assert [reseeded.flipped(*key) for key in draws] != list(draws.values())
+
+
+def test_fresh_scenes_are_the_same_in_dataloader_workers():
+    """Generated (recoloured, flipped) scenes read by 2 worker processes equal those of the training process."""
+    spec = data_spec_for_tests()
+    processor = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3)
+    make = lambda: SceneDataset.generated(spec, seed=5, count=20, processor=processor, grid=(4, 4),  # noqa: E731
+                                          flip=True, recolor=0.3, flip_seed=1)
+    sampler = ResumableBatchSampler([1] * 20, 8, seed=0, with_epoch=True)
+    main, torch_state = make(), torch.random.get_rng_state()
+    torch.manual_seed(99)  # global state must not matter
+    expected = [collate_scenes([main[i, epoch] for i in batch]) for epoch in range(2)
+                for batch in sampler.epoch_batches(epoch)]
+    torch.random.set_rng_state(torch_state)
+    loader = torch.utils.data.DataLoader(make(), batch_sampler=sampler, collate_fn=collate_scenes, num_workers=2,
+                                         persistent_workers=True)
+    got = []
+    for epoch in range(2):
+        sampler.seek(epoch * sampler.per_epoch)
+        got += list(loader)
+    del loader
+    assert len(got) == len(expected) == 6
+    for a, b in zip(got, expected, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # Workers started by "spawn" or "forkserver" receive the dataset pickled.
+    copy = pickle.loads(pickle.dumps(make()))
+    assert all(torch.equal(copy[7, 1][k], main[7, 1][k]) for k in main[7, 1])
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +192,21 @@ def test_dense_stage_reads_scenes_and_hands_its_tower_to_the_vlm(shapes_dir, tmp
     vlm.fit()
     # A frozen tower stays in eval mode: its BatchNorm statistics never move.
     assert torch.equal(vlm.model.vision.embeddings.stem[1].running_mean, running)
+
+
+def test_dense_stage_on_fresh_scenes_trains_the_same_with_workers(shapes_dir, tmp_path):
+    base = [f"data.root={shapes_dir}", "data.fresh_scenes=24", "data.recolor=0.2", "optim.steps=4",
+            "data.val=null", "save_every=2"]
+    runs = {}
+    for workers in (0, 2):
+        trainer = Trainer(stage_config(RECIPE, "dense", [f"out={tmp_path / str(workers)}", *base,
+                                                          f"data.num_workers={workers}"]))
+        assert trainer.sampler.with_epoch  # flips are drawn per (index, epoch)
+        trainer.fit(stop_after=3)  # 3 batches of 8 out of 24: the fourth starts epoch 1
+        assert not multiprocessing.active_children()
+        trainer.fit()
+        runs[workers] = trainer.model.state_dict()
+    assert all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
 def test_fresh_scenes_follow_the_data_spec_without_held_out_pairs(shapes_dir):

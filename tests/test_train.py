@@ -1,6 +1,7 @@
 """Training: stage freezing, exact resume (in-process and after kill -9), recipes, batching."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -14,10 +15,10 @@ import yaml
 from vlmkit.commands.demo import tokenizer_texts
 from vlmkit.data.shapes_world import write_dataset
 from vlmkit.data.tokenizer import train_tokenizer
-from vlmkit.train.config import ConfigError
-from vlmkit.train.recipe import load_run_config
-from vlmkit.train.recipe import stage_config
-from vlmkit.train.trainer import BatchStream, Trainer, resume
+from vlmkit.train.config import ConfigError, default_num_workers
+from vlmkit.train.recipe import load_run_config, stage_config
+from vlmkit.train.sampler import ResumableBatchSampler
+from vlmkit.train.trainer import Trainer, list_checkpoints, resume
 
 TINY_RECIPE = {
     "precision": "fp32",
@@ -92,23 +93,92 @@ def test_stage_freezing(stage, train_vision, data_dir, tmp_path):
     assert not with_state & {id(p) for p in params.values() if not p.requires_grad}
 
 
-def test_resume_is_bit_identical(data_dir, tmp_path):
-    straight = Trainer(config_for("instruct", data_dir, tmp_path / "straight"))
-    straight.fit()
-    interrupted = Trainer(config_for("instruct", data_dir, tmp_path / "resumed", "save_every=2"))
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """The reference: the instruct stage trained without interruption (no workers)."""
+    out = tmp_path_factory.mktemp("straight")
+    trainer = Trainer(config_for("instruct", data_dir, out, "data.num_workers=0"))
+    trainer.fit()
+    return trainer.model.state_dict(), metrics(out, "loss")
+
+
+def metrics(run_dir, key):
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_identical(workers, straight_run, data_dir, tmp_path):
+    """Interrupted and resumed, with or without data workers: the same weights and losses as straight."""
+    interrupted = Trainer(config_for("instruct", data_dir, tmp_path, "save_every=2", f"data.num_workers={workers}"))
     interrupted.fit(stop_after=2)
+    assert not multiprocessing.active_children()  # the workers stop with fit()
     del interrupted
-    resumed = resume(tmp_path / "resumed")
-    assert resumed.state.step == 2
+    resumed = resume(tmp_path)
+    assert resumed.state.step == 2 and resumed.num_workers == workers
     resumed.fit()
-    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert not multiprocessing.active_children()
+    a, b = straight_run[0], resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-    losses = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses("straight") == losses("resumed")
-    assert (tmp_path / "resumed" / "model" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "resumed" / "stage_eval.json").read_text())["val_loss"] > 0
+    assert metrics(tmp_path, "step") == [1, 2, 3, 4]
+    assert metrics(tmp_path, "loss") == straight_run[1]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "stage_eval.json").read_text())["val_loss"] > 0
+
+
+def test_checkpoints_hold_the_sampler_state_and_old_ones_still_resume(straight_run, data_dir, tmp_path):
+    interrupted = Trainer(config_for("instruct", data_dir, tmp_path, "save_every=3"))
+    interrupted.fit(stop_after=3)
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    per_epoch = interrupted.sampler.per_epoch
+    assert meta["batches_seen"] == 6  # 3 steps of 2 micro-batches
+    assert (meta["sampler"]["epoch"], meta["sampler"]["position"]) == divmod(6, per_epoch)
+    assert {k: meta["sampler"][k] for k in ("seed", "batch_size", "num_samples")} == {
+        "seed": 0, "batch_size": 4, "num_samples": len(interrupted.train_set)}
+
+    # A checkpoint written before the sampler state existed: the position is the batch count.
+    (checkpoint / "trainer_state.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sampler"}))
+    resumed = resume(tmp_path)
+    assert resumed.sampler.batches_done == 6
+    resumed.fit()
+    assert all(torch.equal(straight_run[0][k], v) for k, v in resumed.model.state_dict().items())
+
+
+def test_resuming_another_batch_order_is_refused(data_dir, tmp_path):
+    Trainer(config_for("instruct", data_dir, tmp_path, "save_every=1")).fit(stop_after=1)
+    with pytest.raises(ValueError, match="another batch order \\(batch_size 4 -> 2\\)"):
+        resume(tmp_path, ["optim.batch_size=2"])
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**meta, "sampler": {**meta["sampler"], "version": 9}}))
+    with pytest.raises(ValueError, match="step-000001: cannot resume the data order: unknown batch sampler state"):
+        resume(tmp_path)
+
+
+def test_workers_serve_the_same_batches_with_frozen_tower_features(data_dir, tmp_path):
+    """Batches read by 2 worker processes equal those collated in the training process, features included."""
+    batches = {}
+    for workers in (0, 2):
+        trainer = Trainer(config_for("instruct", data_dir, tmp_path / str(workers), f"data.num_workers={workers}"))
+        assert trainer.train_set._features is not None  # the frozen tower's features, computed up front
+        batches[workers] = [trainer.next_batch()[0] for _ in range(2 * trainer.sampler.per_epoch + 1)]
+        assert len(multiprocessing.active_children()) == workers  # persistent: the same 2 across epochs
+        assert trainer.state.batches_seen == 2 * trainer.sampler.per_epoch + 1
+        trainer.close_data()
+    assert not multiprocessing.active_children()
+    for a, b in zip(*batches.values(), strict=True):
+        assert a.keys() == b.keys() and "image_features" in a
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_num_workers_config():
+    assert [default_num_workers(n) for n in (1, 2, 3, 4, 8, 64)] == [0, 0, 2, 3, 4, 4]
+    cfg = stage_config(TINY_RECIPE, "align")
+    assert cfg.data.num_workers is None and cfg.data.resolved_num_workers() == default_num_workers()
+    assert stage_config(TINY_RECIPE, "align", ["data.num_workers=3"]).data.resolved_num_workers() == 3
+    for bad in ("-1", "true", "1.5"):
+        with pytest.raises(ConfigError, match="data.num_workers"):
+            stage_config(TINY_RECIPE, "align", [f"data.num_workers={bad}"])
 
 
 def test_resume_after_kill_9(data_dir, tmp_path):
@@ -147,15 +217,77 @@ def test_clip_stage_reports_retrieval(data_dir, tmp_path):
     assert (tmp_path / "clip" / "model" / "config.json").is_file()
 
 
-def test_batch_stream_is_deterministic_and_length_grouped():
+def test_batch_sampler_is_deterministic_and_length_grouped():
     lengths = [(i * 37) % 100 for i in range(1000)]
-    a, b = BatchStream(lengths, 10, seed=1), BatchStream(lengths, 10, seed=1)
+    a, b = ResumableBatchSampler(lengths, 10, seed=1), ResumableBatchSampler(lengths, 10, seed=1)
     assert [a.batch(k) for k in range(250)] == [b.batch(k) for k in reversed(range(250))][::-1]
     epoch = [i for k in range(100) for i in a.batch(k)]
     assert sorted(epoch) == list(range(1000))  # each sample exactly once per epoch
     spread = sum(max(lengths[i] for i in a.batch(k)) - min(lengths[i] for i in a.batch(k)) for k in range(100))
     assert spread / 100 < 15  # random batches of 10 would spread ~80
     assert a.batch(100) != a.batch(0)  # the next epoch is shuffled anew
+    assert list(a) == [a.batch(k) for k in range(100)] and len(a) == 100  # one pass is one epoch
+
+
+def test_batch_sampler_keeps_the_order_of_earlier_releases():
+    """The order computed by the trainer's former BatchStream, recorded from it: changing it would change
+    every run's numbers (the demo's included)."""
+    lengths = [(i * 37) % 100 for i in range(50)]
+    sampler = ResumableBatchSampler(lengths, 4, seed=0)
+    assert sampler.per_epoch == 13
+    assert [sampler.batch(k) for k in (0, 1, 2)] == [[15, 34, 7, 26], [47, 20, 39, 12], [29, 2, 48, 21]]
+    assert [sampler.batch(k) for k in (13, 14, 15)] == [[8, 27], [11, 30, 3, 49], [22, 41, 14, 33]]
+    windows = ResumableBatchSampler(lengths, 4, seed=0, window=2)
+    assert [windows.batch(k) for k in range(4)] == [[7, 37, 29, 21], [6, 44, 17, 39], [22, 33, 31, 34],
+                                                      [26, 10, 2, 24]]
+    equal = ResumableBatchSampler([1] * 10, 3, seed=0)
+    assert [equal.batch(k) for k in range(8)] == [[2], [4, 1, 7], [0, 8, 6], [5, 3, 9], [5, 6, 1], [4], [2, 0, 8],
+                                                  [9, 3, 7]]
+
+
+def test_batch_sampler_resumes_mid_epoch():
+    lengths = [(i * 37) % 100 for i in range(50)]
+    sampler = ResumableBatchSampler(lengths, 4, seed=0)
+    stream = [sampler.batch(k) for k in range(3 * 13)]
+    sampler.seek(13 + 5)
+    assert (sampler.epoch, sampler.position, len(sampler)) == (1, 5, 8)
+    passes = list(sampler)
+    sampler.seek(26)
+    passes += list(sampler)
+    assert passes == stream[18:]
+    state = sampler.state_dict()
+    fresh = ResumableBatchSampler(lengths, 4, seed=0)
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert list(fresh) == stream[26:]
+    with pytest.raises(ValueError, match="another batch order \\(seed 0 -> 1\\)"):
+        ResumableBatchSampler(lengths, 4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="another batch order \\(num_samples 50 -> 49\\)"):
+        ResumableBatchSampler(lengths[:49], 4, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="bad batch sampler state"):
+        fresh.load_state_dict({**state, "position": 13})
+
+
+def test_batch_sampler_splits_every_global_batch_across_ranks():
+    lengths = [(i * 37) % 100 for i in range(50)]
+    single = ResumableBatchSampler(lengths, 4, seed=0)
+    ranks = [ResumableBatchSampler(lengths, 4, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    for k in range(3 * single.per_epoch):
+        shares = [r.batch(k) for r in ranks]
+        assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == sorted(single.batch(k))
+    for r in ranks:
+        r.seek(single.per_epoch + 2)
+    single.seek(single.per_epoch + 2)
+    for whole, first, second in zip(single, *ranks, strict=True):
+        assert sorted(first + second) == sorted(whole)
+    with pytest.raises(ValueError, match="rank must be in"):
+        ResumableBatchSampler(lengths, 4, seed=0, rank=2, world_size=2)
+
+
+def test_batch_sampler_can_key_samples_by_epoch():
+    sampler = ResumableBatchSampler([1] * 10, 3, seed=0, with_epoch=True)
+    sampler.seek(sampler.per_epoch)
+    assert next(iter(sampler)) == [(i, 1) for i in sampler.batch(sampler.per_epoch)]
 
 
 def test_recipe_errors_name_the_problem(tmp_path):
@@ -169,3 +301,4 @@ def test_recipe_errors_name_the_problem(tmp_path):
         stage_config({**TINY_RECIPE, "stages": {"pretrain": {}}}, "pretrain")
     cfg = load_run_config(path, ["optim.lr=3e-4", "optim.module_lr={lm: 1e-4}"], stage="instruct")
     assert cfg.optim.lr == 3e-4 and cfg.optim.module_lr == {"lm": 1e-4} and cfg.optim.grad_accum == 2
+

@@ -138,6 +138,15 @@ class ChatFormat:
                                "unk_token": tokenizer.extra_config.get("unk_token") or ""}
         self.end_of_turn_id = self._find_end_of_turn()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A compiled template does not pickle (DataLoader workers started by "spawn" or "forkserver"
+        # receive their dataset pickled): it is compiled again from the tokenizer's source.
+        return {key: value for key, value in self.__dict__.items() if key != "template"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.template = compile_template(self.tok.chat_template)
+
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The template's text for `[{"role": ..., "content": str}, ...]`."""
         try:

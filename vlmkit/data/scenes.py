@@ -9,12 +9,15 @@ Two sources give the same samples:
   to disk (rendering one 64 px scene takes ~0.4 ms).
 
 A sample is ``{"pixel_values": [3, H, W], "objectness": [P], "classes": [A, P], "boxes": [P, 4]}`` (see
-`cell_targets`); with ``flip`` images are mirrored left-right at random (boxes
-follow), drawing from torch's global generator, which training checkpoints save and restore.
+`cell_targets`); with ``flip`` images are mirrored left-right at random (boxes follow). Samples never
+read global random state, so DataLoader workers serve exactly what the training process would: a
+scene depends only on its index, and the flip of sample ``(index, epoch)`` is a hash of (flip seed,
+epoch, index), so each epoch mirrors a different half of the data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -125,36 +128,33 @@ def cell_targets(objects: list[dict[str, Any]], image_size: tuple[int, int], gri
 
 
 class SceneDataset(Dataset):
-    """Annotated images as dense per-cell targets for a patch `grid` (rows, cols)."""
+    """Annotated images as dense per-cell targets for a patch `grid` (rows, cols).
+
+    ``dataset[index]`` is the sample of epoch 0 and ``dataset[index, epoch]`` that of `epoch`; they
+    differ only when `flip` is on (`epoch_keyed`, which tells the trainer to pass epochs). Decoded or
+    rendered images are kept in memory, one copy per process (each DataLoader worker fills its own).
+    """
 
     def __init__(self, count: int, load: Callable[[int], tuple[np.ndarray, list[dict[str, Any]]]],
                  processor: ImageProcessor, attributes: dict[str, list[str]], grid: tuple[int, int],
-                 flip: bool = False):
+                 flip: bool = False, flip_seed: int = 0):
         self.count, self._load, self.processor = count, load, processor
-        self.attributes, self.grid, self.flip = attributes, grid, flip
+        self.attributes, self.grid, self.flip, self.flip_seed = attributes, grid, flip, flip_seed
         self._pixels = np.zeros((count, processor.size, processor.size, 3), dtype=np.uint8)
         self._objects: list[list[dict[str, Any]] | None] = [None] * count
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]], image_root: str | Path, processor: ImageProcessor,
-                  attributes: dict[str, list[str]], grid: tuple[int, int], flip: bool = False) -> SceneDataset:
+                  attributes: dict[str, list[str]], grid: tuple[int, int], flip: bool = False,
+                  flip_seed: int = 0) -> SceneDataset:
         """Scenes from ``scenes.jsonl`` rows; boxes are rescaled when images are resized."""
-        root = Path(image_root)
-
-        def load(index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-            row = rows[index]
-            image = load_image(root / row["image"])
-            sx, sy = processor.size / image.width, processor.size / image.height
-            objects = [{**o, "box": [o["box"][0] * sx, o["box"][1] * sy, o["box"][2] * sx, o["box"][3] * sy]}
-                       for o in row["objects"]]
-            return processor.to_uint8(image), objects
-
-        return cls(len(rows), load, processor, attributes, grid, flip)
+        return cls(len(rows), _RowLoader(list(rows), Path(image_root), processor), processor, attributes, grid,
+                   flip, flip_seed)
 
     @classmethod
     def generated(cls, spec: SceneSpec, seed: int, count: int, processor: ImageProcessor,
                   grid: tuple[int, int], flip: bool = False, recolor: float = 0.0,
-                  other_shapes: float = 0.0) -> SceneDataset:
+                  other_shapes: float = 0.0, flip_seed: int = 0) -> SceneDataset:
         """``count`` fresh shapes-world scenes of `spec` (indices 0..count-1 of dataset `seed`).
 
         Two knobs break the link between colour and shape that held-out colour-shape pairs create (a
@@ -167,22 +167,13 @@ class SceneDataset(Dataset):
         if other_shapes and not others:
             raise ValueError("other_shapes needs shapes outside the spec's, but it uses them all")
         other_spec = replace(spec, shapes=others, exclude_pairs=frozenset()) if other_shapes else spec
+        load = _SceneGenerator(spec, other_spec, seed, processor, recolor, other_shapes)
+        return cls(count, load, processor, spec_attributes(spec), grid, flip, flip_seed)
 
-        def load(index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-            rng = random.Random(f"decorrelate|{seed}|{index}")
-            draw = rng.random()
-            scene_spec = other_spec if draw < other_shapes else spec
-            scene, draw_spec = generate_scene(index, seed, scene_spec), scene_spec
-            if other_shapes <= draw < other_shapes + recolor:
-                scene, draw_spec = _recolored(scene, spec, rng)
-            scale = processor.size / spec.image_size
-            objects = [{**o.to_dict(), "box": [v * scale for v in o.box]} for o in scene.objects]
-            for o in objects:  # a colour or shape without a name here has no target
-                o["color"] = o["color"] if o["color"] in spec.palette else None
-                o["shape"] = o["shape"] if o["shape"] in spec.shapes else None
-            return processor.to_uint8(render_scene(scene, draw_spec)), objects
-
-        return cls(count, load, processor, spec_attributes(spec), grid, flip)
+    @property
+    def epoch_keyed(self) -> bool:
+        """Whether samples change with the epoch (read them as ``dataset[index, epoch]``)."""
+        return self.flip
 
     def __len__(self) -> int:
         return self.count
@@ -193,16 +184,66 @@ class SceneDataset(Dataset):
             self._pixels[index], self._objects[index] = self._load(index)
         return self._pixels[index], self._objects[index]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def flipped(self, index: int, epoch: int = 0) -> bool:
+        """Whether sample `index` is mirrored in `epoch`: a hash, the same in every process."""
+        digest = hashlib.blake2b(f"flip|{self.flip_seed}|{epoch}|{index}".encode(), digest_size=1).digest()
+        return self.flip and bool(digest[0] & 1)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         pixels, objects = self._scene(index)
         size = self.processor.size
-        if self.flip and bool(torch.rand(()) < 0.5):
+        if self.flipped(index, epoch):
             pixels = pixels[:, ::-1]
             objects = [{**o, "box": [size - o["box"][2], o["box"][1], size - o["box"][0], o["box"][3]]}
                        for o in objects]
         targets = cell_targets(objects, (size, size), self.grid, self.attributes)
         return {"pixel_values": self.processor.normalize(np.ascontiguousarray(pixels)),
                 "objectness": targets.objectness, "classes": targets.classes, "boxes": targets.boxes}
+
+
+# The loaders are classes, not closures, so that a dataset pickles (DataLoader workers started by
+# "spawn" or "forkserver" receive the dataset pickled).
+
+
+@dataclass
+class _RowLoader:
+    rows: list[dict[str, Any]]
+    root: Path
+    processor: ImageProcessor
+
+    def __call__(self, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        row = self.rows[index]
+        image = load_image(self.root / row["image"])
+        sx, sy = self.processor.size / image.width, self.processor.size / image.height
+        objects = [{**o, "box": [o["box"][0] * sx, o["box"][1] * sy, o["box"][2] * sx, o["box"][3] * sy]}
+                   for o in row["objects"]]
+        return self.processor.to_uint8(image), objects
+
+
+@dataclass
+class _SceneGenerator:
+    spec: SceneSpec
+    other_spec: SceneSpec
+    seed: int
+    processor: ImageProcessor
+    recolor: float
+    other_shapes: float
+
+    def __call__(self, index: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        spec, processor = self.spec, self.processor
+        rng = random.Random(f"decorrelate|{self.seed}|{index}")
+        draw = rng.random()
+        scene_spec = self.other_spec if draw < self.other_shapes else spec
+        scene, draw_spec = generate_scene(index, self.seed, scene_spec), scene_spec
+        if self.other_shapes <= draw < self.other_shapes + self.recolor:
+            scene, draw_spec = _recolored(scene, spec, rng)
+        scale = processor.size / spec.image_size
+        objects = [{**o.to_dict(), "box": [v * scale for v in o.box]} for o in scene.objects]
+        for o in objects:  # a colour or shape without a name here has no target
+            o["color"] = o["color"] if o["color"] in spec.palette else None
+            o["shape"] = o["shape"] if o["shape"] in spec.shapes else None
+        return processor.to_uint8(render_scene(scene, draw_spec)), objects
 
 
 OTHER_COLOR_DISTANCE = 110  # RGB distance a random colour keeps from every palette colour and the backgrounds

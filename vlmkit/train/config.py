@@ -5,6 +5,7 @@ Reading a YAML file (a single-stage config or a multi-stage recipe) is `vlmkit.t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,40 @@ class DataConfig:
     # Frozen vision towers: keep their features on disk here (keyed by image content, tower weights,
     # preprocessing and layer), so each image goes through the tower once across runs. Unset: in memory.
     feature_cache: str | None = None
+    # DataLoader worker processes that read and collate batches ahead of the training step. Unset: a
+    # default for this machine (`default_num_workers`); 0 reads batches in the training process. The
+    # batches are the same for every value (samples depend only on their index), so it never changes
+    # a run's numbers, and a run may resume with another value.
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and (
+                isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0):
+            raise ConfigError(f"data.num_workers: expected an integer >= 0 (or null for the machine's default), "
+                              f"got {self.num_workers!r}")
+
+    def resolved_num_workers(self) -> int:
+        return default_num_workers() if self.num_workers is None else self.num_workers
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_workers(cpus: int | None = None) -> int:
+    """Workers for `data.num_workers: null`: 0 on 2 CPUs or fewer, else min(4, cpus - 1).
+
+    On 2 cores a worker only takes time from the training step's own threads (the data work is small
+    beside the forward and backward passes, and both cores are already busy with them); with more
+    cores, a few workers hide the image decoding and collation, and one core stays with the training
+    process. More than 4 rarely helps these datasets, whose images are decoded once at load time.
+    """
+    cpus = available_cpus() if cpus is None else cpus
+    return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
 @dataclass

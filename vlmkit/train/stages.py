@@ -200,11 +200,11 @@ class DenseStage(Stage):
             # Seeds apart from the synth seed: these scenes are neither the split's nor each other's.
             seed = self.synth_seed * 7919 + 104729
             train = SceneDataset.generated(self.spec, seed, data.fresh_scenes, processor, grid, data.flip,
-                                           data.recolor, data.other_shapes)
+                                           data.recolor, data.other_shapes, flip_seed=self.cfg.seed)
             val = SceneDataset.generated(self.spec, seed + 1, self.cfg.eval_samples, processor, grid)
             return train, val
         make = lambda split, flip: SceneDataset.from_rows(  # noqa: E731
-            self.rows[split], data.root, processor, self.attributes, grid, flip)
+            self.rows[split], data.root, processor, self.attributes, grid, flip, flip_seed=self.cfg.seed)
         return make("train", data.flip), make("val", False) if "val" in self.rows else None
 
     def collate(self, batch: list) -> dict:
@@ -275,12 +275,17 @@ class VLMStage(Stage):
         return train, val
 
     def attach_features(self, model: VisionLanguageModel, dataset: ConversationDataset) -> None:
-        """A frozen tower runs once per distinct image (and, with data.feature_cache, once across runs)."""
+        """A frozen tower runs once per distinct image (and, with data.feature_cache, once across runs).
+
+        The features stay on the model's device when batches are assembled in the training process;
+        DataLoader workers get them in CPU memory (inherited, or shared when workers are spawned),
+        and batches travel to the device like pixel batches."""
         if not len(dataset.image_pixels):
             return  # text only
         processor = ImageProcessor.from_vision_config(model.config.vision)
-        dataset.use_features(tower_features(model.vision, processor, dataset.image_pixels,
-                                            precision=self.cfg.precision, cache_dir=self.cfg.data.feature_cache))
+        features = tower_features(model.vision, processor, dataset.image_pixels, precision=self.cfg.precision,
+                                  cache_dir=self.cfg.data.feature_cache)
+        dataset.use_features(features.cpu() if self.cfg.data.resolved_num_workers() else features)
 
     def collate(self, batch: list) -> dict:
         return collate(batch, self.tokenizer.pad_id)

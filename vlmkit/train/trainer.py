@@ -1,5 +1,9 @@
 """The training loop, readable top to bottom, with exact resume.
 
+Batches come from a DataLoader (`data.num_workers` worker processes) in the order of a
+`ResumableBatchSampler`: a pure function of (seed, batch index), so a resumed run sees exactly the
+batches an uninterrupted one would, whatever the number of workers.
+
 Run directory layout:
     run.yaml           the resolved config (what `--resume` restarts from)
     metrics.jsonl      one JSON line per log step
@@ -17,13 +21,14 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmkit.data.tokenizer import Tokenizer
@@ -31,8 +36,9 @@ from vlmkit.device import autocast, resolve_device
 from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
 from vlmkit.train.config import RunConfig, run_config_to_dict
-from vlmkit.train.recipe import load_run_config
 from vlmkit.train.optim import build_optimizer, build_scheduler
+from vlmkit.train.recipe import load_run_config
+from vlmkit.train.sampler import ResumableBatchSampler
 from vlmkit.train.stages import Stage, stage_class
 
 log = logging.getLogger("vlmkit.train")
@@ -42,44 +48,8 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
-    batches_seen: int = 0  # position in the batch stream (micro-batches)
+    batches_seen: int = 0  # position in the batch stream (global micro-batches)
     samples_seen: int = 0
-
-
-class BatchStream:
-    """Deterministic, length-grouped batches; batch k of the stream is a pure function of (seed, k).
-
-    Epoch e shuffles the samples with a generator seeded by (seed, e), cuts the order into windows of
-    `window` batches, sorts each window by length (so a batch pads to similar lengths: about 2x fewer
-    wasted tokens on mixed caption/QA data) and shuffles the batches of the window. Resuming at batch
-    k therefore reproduces exactly the batches an uninterrupted run would have seen.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 32):
-        if len(lengths) == 0:
-            raise ValueError("the training set is empty (every record was skipped? see the load summary)")
-        self.lengths = np.asarray(lengths)
-        self.batch_size, self.seed, self.window = batch_size, seed, window
-        self.per_epoch = -(-len(self.lengths) // batch_size)
-        self._epoch, self._batches = -1, []
-
-    def batch(self, k: int) -> list[int]:
-        epoch, index = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
-        return self._batches[index]
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        order = torch.randperm(len(self.lengths), generator=g).numpy()
-        batches = []
-        span = self.batch_size * self.window
-        for start in range(0, len(order), span):
-            chunk = order[start : start + span]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            group = [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-            batches += [group[i] for i in torch.randperm(len(group), generator=g).tolist()]
-        return batches
 
 
 def dataset_lengths(dataset) -> list[int]:
@@ -129,7 +99,11 @@ class Trainer:
         self.stage.set_trainable(self.model)
         self.model.to(self.device)
         self.train_set, self.val_set = self.stage.datasets(self.model)
-        self.stream = BatchStream(dataset_lengths(self.train_set), cfg.optim.batch_size, cfg.seed)
+        self.num_workers = cfg.data.resolved_num_workers()
+        self.sampler = ResumableBatchSampler(dataset_lengths(self.train_set), cfg.optim.batch_size, cfg.seed,
+                                             with_epoch=bool(getattr(self.train_set, "epoch_keyed", False)))
+        self._loader: DataLoader | None = None
+        self._batches: Iterator[dict] | None = None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.state = TrainState()
@@ -153,21 +127,24 @@ class Trainer:
         bar = tqdm(total=opt.steps, initial=self.state.step, desc=cfg.stage, dynamic_ncols=True,
                    mininterval=2.0, disable=None)
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
-        while self.state.step < last:
-            loss, tokens, samples = self.train_step()
-            self.state.step += 1
-            window["loss"] += loss
-            window["steps"] += 1
-            window["tokens"] += tokens
-            window["samples"] += samples
-            bar.update(1)
-            if self.state.step % cfg.log_every == 0 or self.state.step == last:
-                record = self._log(window)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
-            if self.state.step % cfg.save_every == 0 and self.state.step < opt.steps:
-                self.save_checkpoint()
+        try:
+            while self.state.step < last:
+                loss, tokens, samples = self.train_step()
+                self.state.step += 1
+                window["loss"] += loss
+                window["steps"] += 1
+                window["tokens"] += tokens
+                window["samples"] += samples
+                bar.update(1)
+                if self.state.step % cfg.log_every == 0 or self.state.step == last:
+                    record = self._log(window)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "start": time.perf_counter()}
+                if self.state.step % cfg.save_every == 0 and self.state.step < opt.steps:
+                    self.save_checkpoint()
+        finally:
+            self.close_data()  # the workers' memory is free for the evaluation (or whatever comes next)
         bar.close()
         if self.state.step < opt.steps:
             self.save_checkpoint()
@@ -180,10 +157,8 @@ class Trainer:
         total_loss, tokens, samples = 0.0, 0, 0
         for _ in range(opt.grad_accum):
             clock.start()
-            indices = self.stream.batch(self.state.batches_seen)
-            self.state.batches_seen += 1
-            self.state.samples_seen += len(indices)
-            batch = self._to_device(self.stage.collate([self.train_set[i] for i in indices]))
+            batch, size = self.next_batch()
+            batch = self._to_device(batch)
             clock.lap("data")
             with autocast(self.device, self.cfg.precision):
                 loss = self.stage.loss(self.model, batch) / opt.grad_accum
@@ -192,7 +167,7 @@ class Trainer:
             total_loss += float(loss.detach())
             clock.lap("backward")
             tokens += self.stage.count_tokens(batch)
-            samples += len(indices)
+            samples += size
         clock.start()
         if opt.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -201,6 +176,49 @@ class Trainer:
         self.scheduler.step()
         clock.lap("optimizer")
         return total_loss, tokens, samples
+
+    # -- data -------------------------------------------------------------------------------
+
+    def data_loader(self) -> DataLoader:
+        """The training batches: `self.sampler`'s order, read and collated by `data.num_workers` workers."""
+        workers = self.num_workers
+        return DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=self.stage.collate, num_workers=workers,
+            persistent_workers=workers > 0,  # kept across epochs: no restart (and no re-copied dataset) per epoch
+            # Pinned batches copy to the GPU asynchronously. Without workers the pinning copy would sit in
+            # the training loop itself, and frozen-tower features already live on the GPU there.
+            pin_memory=self.device.type == "cuda" and workers > 0,
+            # Its own generator: starting an iteration draws a worker seed, which must not come from
+            # (and so shift) the global generator that the training step's randomness uses.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    def next_batch(self) -> tuple[dict, int]:
+        """Take batch number `state.batches_seen` of the stream: (the collated batch, its sample count).
+
+        The batch is on the CPU when workers made it; the data position moves on by one batch."""
+        size = len(self.sampler.batch(self.state.batches_seen))
+        while True:
+            if self._batches is None:
+                if self._loader is None:
+                    self._loader = self.data_loader()
+                self.sampler.seek(self.state.batches_seen)  # a pass starts at the first batch not yet taken
+                self._batches = iter(self._loader)
+            try:
+                batch = next(self._batches)
+                break
+            except StopIteration:  # end of the epoch: the next pass starts the next one
+                self._batches = None
+        self.state.batches_seen += 1
+        self.state.samples_seen += size
+        return batch, size
+
+    def close_data(self) -> None:
+        """Stop the data workers (a later batch starts them again, at `state.batches_seen`)."""
+        loader, self._loader, self._batches = self._loader, None, None
+        workers = getattr(loader, "_iterator", None)  # persistent workers live in the loader's iterator
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -214,7 +232,8 @@ class Trainer:
             "tokens_per_s": window["tokens"] / elapsed,
             "samples_per_s": window["samples"] / elapsed,
             "samples_seen": self.state.samples_seen,
-            # where a step's time went (ms per step: batch assembly, forward + loss, backward, optimizer)
+            # where a step's time went (ms per step: getting the batch to the device, forward + loss, backward,
+            # optimizer)
             "ms_per_step": self.clock.read(window["steps"]),
             "time": time.time(),
         }
@@ -247,6 +266,7 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps({
                 **asdict(self.state), "python_rng": _jsonable(random.getstate()),
                 "numpy_rng_pos": int(np.random.get_state()[2]),
+                "sampler": self._sampler_state(),
             }))
         self._prune_checkpoints()
         return target
@@ -270,7 +290,29 @@ class Trainer:
         np.random.set_state(("MT19937", blob["numpy_rng"].cpu().numpy().astype(np.uint32), meta["numpy_rng_pos"]))
         random.setstate(_tupled(meta["python_rng"]))
         self.state = TrainState(step=meta["step"], batches_seen=meta["batches_seen"], samples_seen=meta["samples_seen"])
+        self._load_sampler_state(meta, path)
         _truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+
+    def _sampler_state(self) -> dict:
+        """The sampler's (epoch, position) at the next batch the model has not trained on (the loader
+        may have fetched further ahead)."""
+        self.sampler.seek(self.state.batches_seen)
+        return self.sampler.state_dict()
+
+    def _load_sampler_state(self, meta: dict, path: Path) -> None:
+        self.close_data()  # batches fetched ahead belong to the old position
+        if "sampler" not in meta:
+            # Checkpoints written before the sampler state: the order is the same function of
+            # (seed, batch index) and the batch count is the position.
+            self.sampler.seek(self.state.batches_seen)
+            return
+        try:
+            self.sampler.load_state_dict(meta["sampler"])
+        except ValueError as err:
+            raise ValueError(f"{path}: cannot resume the data order: {err}") from None
+        if self.sampler.batches_done != self.state.batches_seen:
+            raise ValueError(f"{path}: the sampler state (epoch {self.sampler.epoch}, batch {self.sampler.position}) "
+                             f"disagrees with batches_seen {self.state.batches_seen}: the checkpoint is damaged")
 
 
 def _jsonable(value):
