@@ -1,7 +1,7 @@
 """What holds a from-zero VLM back? Variants of the demo recipe, each trained for the same wall time.
 
-Every variant changes one thing of `configs/demo.yaml` (the `before` row is the demo recipe of an
-earlier release, kept in bench/recipes/). For each variant the script
+Every variant changes one thing of the built-in demo recipe, vlmkit/recipes/demo.yaml (the `before` row is
+the demo recipe of an earlier release, kept in bench/recipes/). For each variant the script
 
 1. makes its data (shapes-world + tokenizer; variants that share the data share one directory),
 2. times a few steps of each of its stages (random weights: speed does not depend on them),
@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
+DEMO = ROOT / "vlmkit" / "recipes" / "demo.yaml"
 BEFORE = ROOT / "bench" / "recipes" / "demo_before.yaml"
 BEGIN, END = "<!-- table: bench/recipe_ablation.py -->", "<!-- end of table -->"
 CALIBRATION_STEPS = 12  # timed after WARMUP_STEPS untimed ones

@@ -24,7 +24,7 @@ from vlmkit.config import ModelConfig
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.config import read_yaml
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEMO = Path(__file__).resolve().parent.parent / "vlmkit" / "recipes" / "demo.yaml"
 VOCAB, IMAGE_ID, TEXT_LEN = 512, 3, 40  # the demo tokenizer's size; ~40 text tokens per sample
 
 

@@ -302,3 +302,38 @@ def test_recipe_errors_name_the_problem(tmp_path):
     cfg = load_run_config(path, ["optim.lr=3e-4", "optim.module_lr={lm: 1e-4}"], stage="instruct")
     assert cfg.optim.lr == 3e-4 and cfg.optim.module_lr == {"lm": 1e-4} and cfg.optim.grad_accum == 2
 
+
+
+def test_recipes_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
+    from vlmkit.train.recipe import built_in_recipes, resolve_recipe
+
+    assert {"demo", "smol-dino"} <= set(built_in_recipes())
+    assert resolve_recipe("demo").name == "demo.yaml" and resolve_recipe("demo.yaml") == resolve_recipe("demo")
+    cfg = load_run_config("demo", stage="dense")
+    assert cfg.stage == "dense" and cfg.model["vision"]["stem"] == "conv"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(TINY_RECIPE))  # a file of that name wins over the built-in
+    assert resolve_recipe("demo.yaml").resolve() == tmp_path / "demo.yaml"
+    with pytest.raises(FileNotFoundError, match="no built-in recipe of that name \\(built-in: demo, "):
+        resolve_recipe("nonesuch")
+    with pytest.raises(FileNotFoundError, match="no such config file"):
+        resolve_recipe("sub/demo.yaml")  # a path is never looked up among the built-ins
+
+
+def test_stage_registry_is_what_configs_and_the_cli_read(capsys):
+    from vlmkit.cli import main
+    from vlmkit.train.stages import STAGES, Stage, register
+
+    assert list(STAGES) == ["clip", "dense", "align", "instruct"]
+    assert all(stage.trains and stage.reads for stage in STAGES.values())
+    assert main(["train", "--list-stages"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"| `{name}` |" in table for name in STAGES)
+
+    class Clash(Stage):
+        name = "dense"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Clash)
+    with pytest.raises(ConfigError, match="vision_from: the clip stage does not start from"):
+        stage_config({**TINY_RECIPE, "stages": {"clip": {}}}, "clip", ["vision_from=runs/x"])

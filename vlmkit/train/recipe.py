@@ -59,7 +59,7 @@ def checked(cfg: RunConfig) -> RunConfig:
     stage = stage_class(cfg.stage)
     for key in ("init_from", "vision_from"):
         if getattr(cfg, key) and key not in stage.starts_from:
-            raise ConfigError(f"{key}: the {cfg.stage} stage does not start from another run's {key.split('_')[0]} "
+            raise ConfigError(f"{key}: the {cfg.stage} stage does not start from another run this way "
                               f"(it takes {', '.join(stage.starts_from)})")
     return cfg
 
