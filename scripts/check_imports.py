@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import vlmkit
-from vlmkit.importers import SOURCES, import_model
+from vlmkit.hf.importers import SOURCES, import_model
 
 QUESTION = "What is the capital of France?"
 SAMPLE_TEXTS = [QUESTION, "In 2024, 1234567 apples cost $3.50!", "  two spaces\n\nnew lines\ttabs",
@@ -124,7 +124,7 @@ def astronaut_pixels(size: int = 224) -> np.ndarray:
     from PIL import Image
     from skimage import data
 
-    from vlmkit.importers.onnx_dinov2 import IMAGENET_MEAN, IMAGENET_STD
+    from vlmkit.hf.importers.onnx_dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
     image = Image.fromarray(data.astronaut()).convert("RGB").resize((size, size), Image.BICUBIC)
     x = (np.asarray(image, dtype=np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)

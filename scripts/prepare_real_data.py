@@ -209,7 +209,7 @@ def main() -> int:
             summary["mix"] = write_shapes_mix(tmp, Path(args.out), Path(args.mix_shapes), args.mix_shapes_max,
                                               args.seed)
         if args.chat_prompts > 0:
-            from vlmkit.importers import import_model
+            from vlmkit.hf.importers import import_model
 
             lm_dir = Path(args.lm) if args.lm else import_model("smollm2", log=lambda m: print(m, file=sys.stderr))[0]
             summary["text_only"] = write_text_only(tmp, lm_dir, args.chat_prompts, args.seed, args.chat_max_new_tokens)

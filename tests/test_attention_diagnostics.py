@@ -17,7 +17,7 @@ from vlmkit.eval.attention import (
     token_statistics,
 )
 from vlmkit.models.clip import ClipConfig, DualEncoder
-from vlmkit.models.hub import lm_state_dict_from_hf, load_into
+from vlmkit.hf.hub import lm_state_dict_from_hf, load_into
 from vlmkit.models.language import positions_from_mask, recording_attention
 from vlmkit.models.vlm import VisionLanguageModel
 

@@ -10,7 +10,7 @@ from PIL import Image
 from vlmkit.cli import main
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.images import ImageProcessor
-from vlmkit.models.llava_hf import ExportError, export_llava_hf
+from vlmkit.hf.llava import ExportError, export_llava_hf
 from vlmkit.models.vlm import VisionLanguageModel
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ from vlmkit.data.chat import ChatFormat
 from vlmkit.eval.generation import left_pad
 from vlmkit.models.fusion import FUSIONS, Fusion, FusionOutput, LayerContext, SpliceFusion
 from vlmkit.models.language import LanguageModel
-from vlmkit.models.llava_hf import ExportError, check_exportable
+from vlmkit.hf.llava import ExportError, check_exportable
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.config import OptimConfig
 from vlmkit.train.optim import param_groups

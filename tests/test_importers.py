@@ -12,16 +12,16 @@ import transformers
 
 from vlmkit.cli import main
 from vlmkit.data.tokenizer import train_tokenizer
-from vlmkit.importers import import_model
-from vlmkit.importers.gguf_llama import (
+from vlmkit.hf.importers import import_model
+from vlmkit.hf.importers.gguf_llama import (
     build_tokenizer,
     convert_gguf_llama,
     hf_tensor_name,
     permute_rope_rows,
     unpermute_rope_rows,
 )
-from vlmkit.importers.onnx_dinov2 import ONNXImportError, backbone_weights, canonical_name, convert_onnx_dinov2
-from vlmkit.importers.packages import MissingPackageError, Requirement, ensure_installed
+from vlmkit.hf.importers.onnx_dinov2 import ONNXImportError, backbone_weights, canonical_name, convert_onnx_dinov2
+from vlmkit.hf.importers.packages import MissingPackageError, Requirement, ensure_installed
 
 # --- RoPE row order ----------------------------------------------------------------------------------
 

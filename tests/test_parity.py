@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from vlmkit.models.hub import (  # noqa: E402
+from vlmkit.hf.hub import (  # noqa: E402
     WeightMappingError,
     lm_config_from_hf,
     lm_state_dict_from_hf,

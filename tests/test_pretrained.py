@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import vlmkit
 from vlmkit.config import ConfigError
-from vlmkit.models.hub import DINOV2, WeightMappingError, vision_state_dict_from_hf
+from vlmkit.hf.hub import DINOV2, WeightMappingError, vision_state_dict_from_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 
 # Loaders of pretrained parts, imported on first use so `import vlmkit` (and the CLI) stays light.
 _LAZY = {
-    "load_vision_tower": "vlmkit.models.pretrained",
-    "load_language_model": "vlmkit.models.pretrained",
-    "load_tokenizer": "vlmkit.models.pretrained",
+    "load_vision_tower": "vlmkit.hf.pretrained",
+    "load_language_model": "vlmkit.hf.pretrained",
+    "load_tokenizer": "vlmkit.hf.pretrained",
 }
 __all__ = ["__version__", *_LAZY]
 

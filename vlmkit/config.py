@@ -110,7 +110,7 @@ class VisionConfig:
     keep_cls: bool = False  # whether the CLS token is passed on to the connector
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    pretrained: str | None = None  # the HF checkpoint directory a VLM's tower is built from (see models/pretrained.py)
+    pretrained: str | None = None  # the HF checkpoint directory a VLM's tower is built from (see hf/pretrained.py)
 
     def __post_init__(self) -> None:
         _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
@@ -163,7 +163,7 @@ class LanguageConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2 has biases on q, k, v
-    pretrained: str | None = None  # the HF checkpoint directory a VLM's LM is built from (see models/pretrained.py)
+    pretrained: str | None = None  # the HF checkpoint directory a VLM's LM is built from (see hf/pretrained.py)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.data.images import load_image
     from vlmkit.device import resolve_device
     from vlmkit.eval.generation import Answerer
-    from vlmkit.models.pretrained import load_language_model, load_tokenizer, read_config
+    from vlmkit.hf.pretrained import load_language_model, load_tokenizer, read_config
     from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlmkit.data.tokenizer import Tokenizer
-    from vlmkit.models.llava_hf import export_llava_hf
+    from vlmkit.hf.llava import export_llava_hf
     from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
     model_dir = resolve_model_dir(args.model_dir)

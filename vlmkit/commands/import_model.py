@@ -6,7 +6,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vlmkit.importers import SOURCES, models_cache_dir
+    from vlmkit.hf.importers import SOURCES, models_cache_dir
 
     p.add_argument("name", choices=sorted(SOURCES), help="; ".join(f"{k}: {v.description}" for k, v in SOURCES.items()))
     p.add_argument("--out", help=f"output directory (default: {models_cache_dir()}/NAME)")
@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from vlmkit.importers import import_model
-    from vlmkit.importers.packages import MissingPackageError
+    from vlmkit.hf.importers import import_model
+    from vlmkit.hf.importers.packages import MissingPackageError
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout carries only the directory)
     try:

@@ -117,7 +117,7 @@ class RunConfig:
         self.optim.betas = tuple(self.optim.betas)
 
     def model_config(self, vocab_size: int, image_token_id: int) -> ModelConfig:
-        from vlmkit.models.pretrained import model_config_from_parts
+        from vlmkit.hf.pretrained import model_config_from_parts
 
         return model_config_from_parts(self.model, vocab_size, image_token_id)
 

@@ -28,8 +28,8 @@ from vlmkit.data.scenes import SceneDataset, collate_scenes, data_spec, read_sce
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
-from vlmkit.models.hub import load_into
-from vlmkit.models.pretrained import build_vlm, load_vision_weights, tower_weights, vision_config_from_section
+from vlmkit.hf.hub import load_into
+from vlmkit.hf.pretrained import build_vlm, load_vision_weights, tower_weights, vision_config_from_section
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 from vlmkit.train.config import RunConfig
 from vlmkit.train.features import tower_features

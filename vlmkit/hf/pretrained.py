@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, VisionConfig, from_dict, to_dict
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.models.hub import (
+from vlmkit.hf.hub import (
     StateDict,
     WeightMappingError,
     lm_config_from_hf,

@@ -26,7 +26,7 @@ from vlmkit.config import LanguageConfig, VisionConfig
 from vlmkit.data.chat import ChatFormat
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.io import atomic_directory
-from vlmkit.models.hub import CLIP, DINOV2, LM_RULES, SIGLIP, StateDict, VisionFamily, rename_keys
+from vlmkit.hf.hub import CLIP, DINOV2, LM_RULES, SIGLIP, StateDict, VisionFamily, rename_keys
 from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmkit import __version__
-from vlmkit.importers.packages import Requirement, ensure_installed, package_dir
+from vlmkit.hf.importers.packages import Requirement, ensure_installed, package_dir
 from vlmkit.io import atomic_directory
 
 SOURCE_FILE = "vlmkit_import.json"  # provenance written next to the converted files
@@ -39,13 +39,13 @@ class Source:
 
 
 def _gguf_llama(*args, **kwargs):
-    from vlmkit.importers.gguf_llama import convert_gguf_llama
+    from vlmkit.hf.importers.gguf_llama import convert_gguf_llama
 
     return convert_gguf_llama(*args, **kwargs)
 
 
 def _onnx_dinov2(*args, **kwargs):
-    from vlmkit.importers.onnx_dinov2 import convert_onnx_dinov2
+    from vlmkit.hf.importers.onnx_dinov2 import convert_onnx_dinov2
 
     return convert_onnx_dinov2(*args, **kwargs)
 

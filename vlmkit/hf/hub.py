@@ -1,6 +1,6 @@
 """Mapping between Hugging Face checkpoint formats and vlmkit modules (configs and weight names).
 
-Pure functions on dicts: no `transformers` import (reading directories is `vlmkit/models/pretrained.py`).
+Pure functions on dicts: no `transformers` import (reading directories is `vlmkit/hf/pretrained.py`).
 A rule table per family pairs an HF key template with ours: `{i}` stands for a layer index and
 `{a|b}` for one of the listed names, matched in the same order on both sides, and a template ending
 in "." covers every key below it. The same table renames in both directions (loading, and export to
