@@ -263,7 +263,7 @@ def test_demo_runs_the_recipe_stages_in_order(shapes_dir, tmp_path, monkeypatch,
               "eval": {"split": "test", "limit": 4}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    assert demo.run(Namespace(config=str(path), out=str(tmp_path / "demo"), overrides=[], skip_synth=False)) == 0
+    assert demo.run(Namespace(recipe=str(path), out=str(tmp_path / "demo"), overrides=[], skip_synth=False)) == 0
     out = capsys.readouterr().out
     assert out.index("stage dense") < out.index("stage instruct")
     run = yaml.safe_load((tmp_path / "demo" / "instruct" / "run.yaml").read_text())

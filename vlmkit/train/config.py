@@ -14,6 +14,7 @@ import yaml
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
 
+
 @dataclass
 class DataConfig:
     root: str = "."  # image paths in the data files are relative to this directory
