@@ -123,8 +123,10 @@ def main() -> None:
     for connector in ("mlp2x_gelu", "pixel_shuffle"):
         cfg = demo_model_config(connector)
         ours = VisionLanguageModel(cfg)
-        batch = make_batch(args.batch_size, ours.tokens_per_image, cfg.vision.image_size)
-        name = f"vlmkit ({connector}, {ours.tokens_per_image} img tokens)"
+        size = cfg.vision.image_size
+        image_tokens = ours.image_token_count(size, size)  # what the processor expands each <image> to
+        batch = make_batch(args.batch_size, image_tokens, size)
+        name = f"vlmkit ({connector}, {image_tokens} img tokens)"
         candidates[name] = make_step(ours, lambda m, b=batch: m(b["input_ids"], b["pixel_values"], labels=b["labels"],
                                                                logits=False).loss, bf16)
         batches[name] = batch

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from vlmkit.config import ConfigError, ModelConfig
-from vlmkit.data.chat import ChatFormat
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.eval.generation import left_pad
 from vlmkit.models.fusion import FUSIONS, Fusion, FusionOutput, LayerContext, SpliceFusion
 from vlmkit.models.language import LanguageModel
@@ -75,7 +75,7 @@ def xattn_model(make_config, monkeypatch):
 
 
 def prompts(model, tokenizer, answers=("", "", "")):
-    chat = ChatFormat(tokenizer, model.tokens_per_image)
+    chat = VLMProcessor.for_model(model, tokenizer)
     questions = ["what color is the square?", "how many?", "is there a yellow cross in the image? answer"]
     rows = [chat.prompt(q).input_ids + tokenizer.encode(a) for q, a in zip(questions, answers)]
     return left_pad(rows, tokenizer.pad_id)
@@ -178,7 +178,7 @@ def test_adapters_live_beside_the_lm(xattn_model, tiny_model, tokenizer, tmp_pat
     assert {g["name"]: g["lr"] for g in groups}["fusion"] == 1e-2
     assert not any(g["name"].startswith("lm") for g in groups)
 
-    ids = torch.tensor([ChatFormat(tokenizer, xattn_model.tokens_per_image).prompt("how many?").input_ids])
+    ids = torch.tensor([VLMProcessor.for_model(xattn_model, tokenizer).prompt("how many?").input_ids])
     xattn_model(ids, torch.randn(1, 3, 32, 32)).logits.sum().backward()
     assert all(a.gate.grad is not None and a.gate.grad.abs() > 0 for a in xattn_model.fusion.adapters)
 

@@ -8,8 +8,7 @@ import yaml
 import vlmkit
 from vlmkit.cli import main
 from vlmkit.commands.demo import tokenizer_texts
-from vlmkit.data.chat import ChatFormat
-from vlmkit.data.images import ImageProcessor
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.shapes_world import write_dataset
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -104,9 +103,9 @@ def test_vlm_from_pretrained_parts_trains_and_chats(parts, capsys):
     # The result exports to transformers' Llava, which computes the same logits.
     assert main(["export", "--format", "llava-hf", str(root / "instruct"), str(root / "llava")]) == 0
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(root / "llava").eval()
-    chat = ChatFormat(tok, instruct.tokens_per_image)
-    ids = torch.tensor([chat.prompt("What color is the star?").input_ids])
-    pixels = ImageProcessor.from_vision_config(instruct.config.vision)(image)[None]
+    processor = VLMProcessor.for_model(instruct, tok)
+    ids = torch.tensor([processor.prompt("What color is the star?").input_ids])
+    pixels = processor.preprocess(image)[None]
     with torch.no_grad():
         assert (instruct.eval()(ids, pixels).logits - ref(input_ids=ids, pixel_values=pixels).logits).abs().max() < 1e-4
 
@@ -125,7 +124,8 @@ def test_chat_with_a_plain_hf_language_model(parts, capsys):
 
     answerer = Answerer(vlmkit.load_language_model(lm_dir), vlmkit.load_tokenizer(lm_dir), batch_size=1,
                         max_new_tokens=6, precision="fp32")
-    assert answerer.chat.prompt(messages[0]["content"], with_image=False).input_ids == prompt["input_ids"][0].tolist()
+    prompt_ids = answerer.processor.prompt(messages[0]["content"], with_image=False).input_ids
+    assert prompt_ids == prompt["input_ids"][0].tolist()
     ours = answerer.tok.decode(expected[: expected.index(hf_tok.eos_token_id)] if hf_tok.eos_token_id in expected
                                else expected).strip()
     assert answerer.answer([messages[0]["content"]], [None]) == [ours]

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from vlmkit.constants import IGNORE_INDEX
-from vlmkit.data.chat import ChatFormat
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval.generation import left_pad
 from vlmkit.models.vlm import ImagePlaceholderError, VisionLanguageModel
 
 
 def test_splice_puts_image_embeddings_exactly_at_placeholders(tiny_model, tokenizer):
-    chat = ChatFormat(tokenizer, tiny_model.tokens_per_image)
+    chat = VLMProcessor.for_model(tiny_model, tokenizer)
     rows = [
         chat.encode([{"role": "user", "content": "<image> what is this? <image>"}]).input_ids,
         chat.encode([{"role": "user", "content": "no picture here"}]).input_ids,
@@ -29,7 +29,7 @@ def test_splice_puts_image_embeddings_exactly_at_placeholders(tiny_model, tokeni
 
 
 def test_placeholder_mismatches_give_clear_errors(tiny_model, tokenizer):
-    chat = ChatFormat(tokenizer, tiny_model.tokens_per_image)
+    chat = VLMProcessor.for_model(tiny_model, tokenizer)
     ids = torch.tensor([chat.encode([{"role": "user", "content": "<image> hi"}]).input_ids])
     with pytest.raises(ImagePlaceholderError, match="but 2 image\\(s\\) x 16 tokens"):
         tiny_model.embed(ids, torch.randn(2, 3, 32, 32))
@@ -40,7 +40,7 @@ def test_placeholder_mismatches_give_clear_errors(tiny_model, tokenizer):
 
 
 def test_loss_only_on_assistant_tokens(tiny_model, tokenizer):
-    chat = ChatFormat(tokenizer, tiny_model.tokens_per_image)
+    chat = VLMProcessor.for_model(tiny_model, tokenizer)
     enc = chat.encode({"conversations": [{"from": "human", "value": "<image>\nwhat color?"},
                                          {"from": "gpt", "value": "red"}]})
     ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
@@ -54,7 +54,7 @@ def test_loss_only_on_assistant_tokens(tiny_model, tokenizer):
 
 
 def _prompts(tiny_model, tokenizer):
-    chat = ChatFormat(tokenizer, tiny_model.tokens_per_image)
+    chat = VLMProcessor.for_model(tiny_model, tokenizer)
     questions = ["what color is the square?", "how many?", "is there a yellow cross in the image? answer"]
     return [chat.prompt(q).input_ids for q in questions]
 

@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 TINY_RECIPE = {  # the built-in demo's shape, a few steps of each stage
-    "synth": {"seed": 0, "n": 40, "image_size": 32, "records": "questions", "object_lists": True},
+    "synth": {"seed": 0, "n": 40, "image_size": 48, "records": "questions", "object_lists": True},
     "tokenizer_training": {"vocab_size": 300},
     "eval": {"split": "test", "limit": 8},
     "precision": "fp32",
@@ -49,9 +49,10 @@ def test_installed_wheel_runs_built_in_and_own_recipes(tmp_path):
     # The dependencies (torch, ...) come from this environment's site-packages as a plain path entry: its
     # .pth files (among them the source tree's editable-install hook) are not processed.
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], tmp_path)
-
+    # Without PYTHONPATH: a source tree on it (with its build's egg-info) would pass for an installed vlmkit.
     env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)], tmp_path, env)
+
     where = run([str(python), "-c", "import vlmkit; print(vlmkit.__file__)"], tmp_path, env).strip()
     assert where.startswith(str(site)), f"vlmkit imported from {where}, not from the installed wheel"
     stages = run([str(venv / "bin" / "vlmkit"), "train", "--list-stages"], tmp_path, env)

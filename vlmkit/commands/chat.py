@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_language_model(model_dir).to(device)
     answerer = Answerer(model, load_tokenizer(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p)
-    image = answerer.processor(load_image(args.image)) if args.image else None
+    image = answerer.processor.preprocess(load_image(args.image)) if args.image else None
     torch.manual_seed(args.seed)
     print(answerer.answer([args.question], [image])[0])
     return 0

@@ -10,8 +10,8 @@ Accepted conversation shapes:
 A conversation is rendered by the tokenizer's chat template (Jinja, in a sandbox, with the settings
 transformers uses, so token ids equal `apply_chat_template`'s), with each image written as the
 `<image>` token; the whole text is tokenized at once and every `<image>` then expands to as many
-placeholders as the connector emits tokens. Our own tokenizers use ChatML
-(``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message).
+placeholders as the connector emits tokens for that image (`VLMProcessor` knows the count). Our own
+tokenizers use ChatML (``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message).
 
 Labels are -100 everywhere except the assistant's content and the special token that closes its
 turn (so the model learns to stop). Assistant turns are found by rendering prefixes of the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +55,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    image_tokens: list[int] = field(default_factory=list)  # placeholders of each image, in reading order
 
 
 def _split_image_tags(text: str, image_tag: str) -> list:
@@ -116,9 +117,10 @@ def _content_parts(content: Any, index: int, image_tag: str) -> list:
 
 
 class ChatFormat:
-    """Encodes conversations with a tokenizer's chat template and a fixed number of tokens per image.
+    """Encodes conversations with a tokenizer's chat template; each `<image>` becomes placeholders.
 
-    `image_tokens` is None for a text-only model (an image in a conversation is then an error).
+    `image_tokens` is the default count per image (`encode` may give each image its own), or None
+    for a text-only model (an image in a conversation is then an error).
     """
 
     def __init__(self, tokenizer: Tokenizer, image_tokens: int | None = None, system_prompt: str | None = None):
@@ -155,11 +157,13 @@ class ChatFormat:
         except jinja2.TemplateError as err:
             raise ConversationError(f"the chat template rejected the conversation: {err}") from None
 
-    def encode(self, conversation: Any, add_generation_prompt: bool = False) -> Encoded:
+    def encode(self, conversation: Any, add_generation_prompt: bool = False,
+               image_tokens: list[int] | None = None) -> Encoded:
         """Token ids and labels for a whole conversation.
 
         With `add_generation_prompt`, the text ends with the assistant header, ready for
-        `generate()` (labels are then all IGNORE_INDEX).
+        `generate()` (labels are then all IGNORE_INDEX). `image_tokens` gives each image's
+        placeholder count, in reading order (default: `self.image_tokens` for every image).
         """
         messages = normalize_messages(conversation, self.tok.image_token)
         if self.system_prompt and (not messages or messages[0].role != "system"):
@@ -178,17 +182,19 @@ class ChatFormat:
             closing = [j for j in inside if ids[j] in self._special_ids]
             for j in range(inside.start, closing[-1] + 1 if closing else inside.stop):
                 labels[j] = ids[j]
-        return self._expand_images(ids, labels)
+        return self._expand_images(ids, labels, image_tokens)
 
-    def prompt(self, question: str, with_image: bool = True) -> Encoded:
-        """A single-turn user prompt ending with the assistant header.
+    def prompt(self, question: str, with_image: bool = True, image_tokens: int | None = None) -> Encoded:
+        """A single-turn user prompt ending with the assistant header (`image_tokens`: the image's
+        placeholder count, default `self.image_tokens`).
 
         The image comes first, then a newline, then the question: the layout of LLaVA records
         (``"<image>\\nWhat ..."``), so prompts at inference match what training saw.
         """
         content = [{"type": "image"}] if with_image else []
         content.append({"type": "text", "text": ("\n" if with_image else "") + question})
-        return self.encode([{"role": "user", "content": content}], add_generation_prompt=True)
+        counts = [image_tokens] if with_image and image_tokens is not None else None
+        return self.encode([{"role": "user", "content": content}], add_generation_prompt=True, image_tokens=counts)
 
     def _text(self, message: Message) -> str:
         images = sum(part is IMAGE for part in message.parts)
@@ -214,18 +220,25 @@ class ChatFormat:
                 "before it, so its answer cannot be located for the loss")
         return len(before), len(through)
 
-    def _expand_images(self, ids: list[int], labels: list[int]) -> Encoded:
+    def _expand_images(self, ids: list[int], labels: list[int], image_tokens: list[int] | None) -> Encoded:
         image_id = self.tok.image_id
-        if image_id is None or image_id not in ids:
+        positions = [] if image_id is None else [j for j, token in enumerate(ids) if token == image_id]
+        counts = [self.image_tokens] * len(positions) if image_tokens is None else list(image_tokens)
+        if len(counts) != len(positions):
+            raise ConversationError(f"the conversation has {len(positions)} image(s) but {len(counts)} image token "
+                                    "count(s) were given")
+        if any(n < 1 for n in counts):
+            raise ValueError(f"image token counts must be >= 1, got {counts}")
+        if not positions:
             return Encoded(ids, labels, 0)
         out_ids: list[int] = []
         out_labels: list[int] = []
         done = 0
-        for pos in [j for j, token in enumerate(ids) if token == image_id]:
-            out_ids += ids[done:pos] + [image_id] * self.image_tokens
-            out_labels += labels[done:pos] + [IGNORE_INDEX] * self.image_tokens
+        for pos, n in zip(positions, counts):
+            out_ids += ids[done:pos] + [image_id] * n
+            out_labels += labels[done:pos] + [IGNORE_INDEX] * n
             done = pos + 1
-        return Encoded(out_ids + ids[done:], out_labels + labels[done:], ids.count(image_id))
+        return Encoded(out_ids + ids[done:], out_labels + labels[done:], len(positions), counts)
 
     def _find_end_of_turn(self) -> int:
         """The special token that closes an assistant turn (generation stops there); else the eos token."""

@@ -108,18 +108,21 @@ class ImageProcessor:
     def __repr__(self) -> str:
         return f"ImageProcessor(size={self.size}, mean={self.mean}, std={self.std})"
 
-    def __call__(self, image: ImageInput) -> torch.Tensor:
-        """An image or image path -> float32 tensor [3, size, size]."""
-        return self.normalize(self.to_uint8(image))
+    def __call__(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
+        """An image or image path -> float32 tensor [3, size, size] (`size`: default `self.size`)."""
+        return self.normalize(self.to_uint8(image, size))
 
-    def to_uint8(self, image: ImageInput) -> np.ndarray:
-        """An image or image path -> resized RGB uint8 array [size, size, 3]."""
+    def to_uint8(self, image: ImageInput, size: int | None = None) -> np.ndarray:
+        """An image or image path -> resized RGB uint8 array [size, size, 3] (`size`: default `self.size`)."""
+        size = self.size if size is None else size
+        if size < 1:
+            raise ValueError(f"image size must be >= 1, got {size}")
         if isinstance(image, (str, Path)):
             image = load_image(image)  # already RGB
         else:
             image = to_rgb(image)
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
         return np.array(image, dtype=np.uint8)  # a writable copy, detached from PIL
 
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:

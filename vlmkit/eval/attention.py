@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmkit.data.chat import ChatFormat
 from vlmkit.data.datasets import ImageTextDataset, collate_image_text
 from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
 from vlmkit.eval.figures import new_figure, to_png
@@ -71,15 +71,14 @@ def attention_diagnostics(model: VisionLanguageModel, tokenizer: Tokenizer, reco
         raise ValueError(f"got {len(records)} records but {len(correct)} correctness flags; lengths must match")
     model.eval()
     device = next(model.parameters()).device
-    chat = ChatFormat(tokenizer, model.tokens_per_image)
-    processor = ImageProcessor.from_vision_config(model.config.vision)
-    prompts = [chat.prompt(r["question"]).input_ids for r in records]
+    processor = VLMProcessor.for_model(model, tokenizer)
+    prompts = [processor.prompt(r["question"]).input_ids for r in records]
     stats: list[dict[str, Any]] = [{} for _ in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_id)
-        pixels = torch.stack([processor(load_image(Path(image_root) / records[i]["image"])) for i in chunk])
+        pixels = torch.stack([processor.preprocess(load_image(Path(image_root) / records[i]["image"])) for i in chunk])
         image_keys = (ids == tokenizer.image_id).to(device)
         n_images, n_real = image_keys.sum(-1), mask.to(device).sum(-1)
         steps: list[list[tuple[torch.Tensor, ...]]] = []  # [forward][layer] -> (share, entropy, uniform) [B]
@@ -96,7 +95,7 @@ def attention_diagnostics(model: VisionLanguageModel, tokenizer: Tokenizer, reco
 
         with recording_attention(model.lm, on_probs), autocast(device, precision):
             out = model.generate(ids.to(device), mask.to(device), pixels.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=chat.end_of_turn_id)
+                                 eos_token_id=processor.end_of_turn_id)
         picks = min(len(steps), max_new_tokens)  # steps[t] is the forward pass that chose token t
         for row, i in enumerate(chunk):
             n = min(len(out[row]) + 1, picks)  # the answer's tokens plus the end-of-turn token

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.chat import ChatFormat
-from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.data.images import load_image
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
 from vlmkit.models.language import LanguageModel
@@ -37,17 +37,18 @@ class Answerer:
         self.model = model.eval()
         self.tok = tokenizer
         self.has_vision = isinstance(model, VisionLanguageModel)
-        self.chat = ChatFormat(tokenizer, model.tokens_per_image if self.has_vision else None)
-        self.processor = ImageProcessor.from_vision_config(model.config.vision) if self.has_vision else None
+        self.processor = VLMProcessor.for_model(model, tokenizer)  # text-only for a LanguageModel
         self.batch_size, self.max_new_tokens, self.precision = batch_size, max_new_tokens, precision
         self.temperature, self.top_p = temperature, top_p
         self.device = next(model.parameters()).device
 
     def answer(self, questions: Sequence[str], images: Sequence[torch.Tensor | None]) -> list[str]:
-        """`images[i]` is a preprocessed [3, H, W] tensor, or None for a text-only question. Pass the
-        same tensor object for questions about one image: it then goes through the vision tower once
-        per call (its image tokens are kept until the call returns)."""
-        prompts = [self.chat.prompt(q, with_image=img is not None).input_ids for q, img in zip(questions, images)]
+        """`images[i]` is a preprocessed [3, H, W] tensor (sizes may differ), or None for a text-only
+        question. Pass the same tensor object for questions about one image: it then goes through the
+        vision tower once per call (its image tokens are kept until the call returns)."""
+        prompts = [self.processor.prompt(q, with_image=img is not None,
+                                         image_size=None if img is None else tuple(img.shape[-2:])).input_ids
+                   for q, img in zip(questions, images)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         encoded: dict[int, torch.Tensor] = {}  # id(image tensor) -> its image tokens, for this call
@@ -58,21 +59,26 @@ class Answerer:
             with autocast(self.device, self.precision):
                 extra = {"image_embeds": self._image_tokens(pixels, encoded)} if self.has_vision else {}
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
-                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.chat.end_of_turn_id,
+                                          max_new_tokens=self.max_new_tokens,
+                                          eos_token_id=self.processor.end_of_turn_id,
                                           temperature=self.temperature, top_p=self.top_p)
             for i, tokens in zip(chunk, out):
                 answers[i] = self.tok.decode(tokens).strip()
         return answers
 
-    def _image_tokens(self, pixels: list[torch.Tensor], encoded: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """Image tokens [N, T, D] for `pixels`, encoding only tensors not already in `encoded`."""
+    def _image_tokens(self, pixels: list[torch.Tensor],
+                      encoded: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Image tokens ([T_i, D] each) for `pixels`, encoding only tensors not already in `encoded`."""
         if not pixels:
             return None
         new = list({id(p): p for p in pixels if id(p) not in encoded}.values())
         if new:
-            for p, tokens in zip(new, self.model.encode_images(torch.stack(new).to(self.device))):
+            # One size: one stacked batch; several: a list, which the model groups by size.
+            same_size = len({p.shape for p in new}) == 1
+            batch = torch.stack(new).to(self.device) if same_size else [p.to(self.device) for p in new]
+            for p, tokens in zip(new, self.model.encode_images(batch)):
                 encoded[id(p)] = tokens
-        return torch.stack([encoded[id(p)] for p in pixels])
+        return [encoded[id(p)] for p in pixels]
 
     def answer_records(self, records: Sequence[dict], image_root: str | Path) -> list[str]:
         """Answer `{"image", "question"}` records; each distinct image is decoded once."""
@@ -84,6 +90,6 @@ class Answerer:
                 images.append(None)
                 continue
             if path not in cache:
-                cache[path] = self.processor(load_image(Path(image_root) / path))
+                cache[path] = self.processor.preprocess(load_image(Path(image_root) / path))
             images.append(cache[path])
         return self.answer([r["question"] for r in records], images)

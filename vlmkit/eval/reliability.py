@@ -245,9 +245,9 @@ def _blind(answerer: Answerer, dataset: ObjectDataset, asked: list[dict], pool: 
            seed: int) -> tuple[dict[str, Any], list[str]]:
     questions = [r["question"] for r in asked]
     with_image = answerer.answer_records(asked, dataset.image_root)
-    blank = probes.blank_image(answerer.processor)
+    blank = probes.blank_image(answerer.processor.image_processor)
     mean_from = seeded_subset(dataset.images, 256, seed)
-    mean = probes.mean_image(answerer.processor, [dataset.image_root / im.image for im in mean_from])
+    mean = probes.mean_image(answerer.processor.image_processor, [dataset.image_root / im.image for im in mean_from])
     predictions = {"image": with_image,
                    "blank": answerer.answer(questions, [blank] * len(asked)),
                    "mean": answerer.answer(questions, [mean] * len(asked))}

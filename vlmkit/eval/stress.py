@@ -116,7 +116,7 @@ def _shift_condition(name: str, level: int, base: SceneSpec, seed: int, first_in
 
 def _measure(answerer: Answerer, condition: Condition, caption_scorer: CaptionScorer | None,
              captioner: Answerer | None) -> dict[str, Any]:
-    pixels = [answerer.processor(image) for image in condition.images]
+    pixels = [answerer.processor.preprocess(image) for image in condition.images]
     qs = condition.questions
     with torch.inference_mode():
         answers = answerer.answer([q["question"] for q in qs], [pixels[q["image_index"]] for q in qs])

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlmkit.config import LanguageConfig, VisionConfig
-from vlmkit.data.chat import ChatFormat
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.io import atomic_directory
 from vlmkit.hf.hub import CLIP, DINOV2, LM_RULES, SIGLIP, StateDict, VisionFamily, rename_keys
@@ -168,7 +168,7 @@ def export_llava_hf(model: VisionLanguageModel, tokenizer: Tokenizer, out: str |
     check_exportable(model)
     cfg = model.config
     family = vision_family_for(cfg.vision)
-    end_of_turn = ChatFormat(tokenizer).end_of_turn_id
+    end_of_turn = VLMProcessor.for_model(model, tokenizer).end_of_turn_id
     projector, act = projector_to_hf(model)
     weights = {
         **{f"vision_tower.{'' if family is DINOV2 else 'vision_model.'}{k}": v

@@ -26,7 +26,10 @@ from torch import nn
 from vlmkit.config import ConfigError, ModelConfig
 from vlmkit.models.language import LayerContext
 
-__all__ = ["FUSIONS", "Fusion", "FusionOutput", "LayerContext", "SpliceFusion", "build_fusion"]
+__all__ = ["FUSIONS", "Fusion", "FusionOutput", "ImageTokens", "LayerContext", "SpliceFusion", "build_fusion"]
+
+# Image tokens: [N, T, D] when every image has T tokens, else a list of N [T_i, D].
+ImageTokens = torch.Tensor | list[torch.Tensor]
 
 
 @dataclass
@@ -38,18 +41,22 @@ class FusionOutput:
 class Fusion(nn.Module):
     """Base class. Called only for batches with images (without, the LM runs on the token embeddings)."""
 
-    def forward(self, embeds: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor) -> FusionOutput:
-        """`embeds` [B, L, D]: token embeddings; `image_embeds` [N, T, D]: connector outputs, images in
-        reading order (row by row, left to right); `is_image` [B, L]: the placeholder positions, already
-        checked to number N x T."""
+    def forward(self, embeds: torch.Tensor, image_embeds: ImageTokens, is_image: torch.Tensor) -> FusionOutput:
+        """`embeds` [B, L, D]: token embeddings; `image_embeds`: connector outputs, images in reading
+        order (row by row, left to right), as [N, T, D] when every image has T tokens, else as a list
+        of N [T_i, D]; `is_image` [B, L]: the placeholder positions, already checked to number the
+        images' tokens in all (and per row, when the caller gave per-sample image counts)."""
         raise NotImplementedError
 
 
 class SpliceFusion(Fusion):
     """LLaVA: the image tokens are written over the placeholder embeddings, in reading order."""
 
-    def forward(self, embeds: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor) -> FusionOutput:
-        return FusionOutput(embeds.masked_scatter(is_image[..., None], image_embeds.to(embeds.dtype)))
+    def forward(self, embeds: torch.Tensor, image_embeds: ImageTokens, is_image: torch.Tensor) -> FusionOutput:
+        # masked_scatter fills the placeholders in order from the source's elements, so the images'
+        # tokens one after the other (any per-image counts) land on their own image's placeholders.
+        tokens = image_embeds if torch.is_tensor(image_embeds) else torch.cat(image_embeds)
+        return FusionOutput(embeds.masked_scatter(is_image[..., None], tokens.to(embeds.dtype)))
 
 
 FUSIONS: dict[str, Callable[[ModelConfig], Fusion]] = {

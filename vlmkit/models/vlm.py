@@ -3,21 +3,34 @@ embeddings; see models/fusion.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from vlmkit.config import ModelConfig
 from vlmkit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpointable, resolve_model_dir
 from vlmkit.models.connectors import build_connector
-from vlmkit.models.fusion import FusionOutput, build_fusion
+from vlmkit.models.fusion import FusionOutput, ImageTokens, build_fusion
 from vlmkit.models.language import LanguageModel, LMOutput
 from vlmkit.models.vision import ViT
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ImagePlaceholderError", "VisionLanguageModel", "resolve_model_dir"]
 
 
+# Images of one size as one tensor [N, 3, H, W], or of several sizes as a list of [3, H_i, W_i].
+ImageBatch = torch.Tensor | Sequence[torch.Tensor]
+
+
 class ImagePlaceholderError(ValueError):
     """The number of `<image>` placeholder tokens does not match the images given."""
+
+
+def _describe(tokens: list[int], uniform: int | None) -> str:
+    """'2 image(s) x 16 tokens = 32' (one count for all) or '2 image(s) of 16 + 36 tokens = 52'."""
+    if uniform is not None:
+        return f"{len(tokens)} image(s) x {uniform} tokens = {len(tokens) * uniform}"
+    return f"{len(tokens)} image(s) of {' + '.join(map(str, tokens)) or 0} tokens = {sum(tokens)}"
 
 
 class VisionLanguageModel(Checkpointable, nn.Module):
@@ -36,13 +49,31 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
 
+    def image_token_count(self, height: int, width: int) -> int:
+        """Image tokens the connector emits for a preprocessed `height` x `width` image (what each
+        `<image>` of that image expands to; see `VLMProcessor`)."""
+        return self.connector.num_tokens(self.vision.grid_for(height, width))
+
     @property
     def tokens_per_image(self) -> int:
+        """Image tokens of an image at the configured size."""
         size = self.config.vision.image_size
-        return self.connector.num_tokens(self.vision.grid_for(size, size))
+        return self.image_token_count(size, size)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, T, D_lm] image tokens in the LM's embedding space."""
+    def encode_images(self, pixel_values: ImageBatch) -> ImageTokens:
+        """[N, 3, H, W] -> [N, T, D_lm] image tokens in the LM's embedding space; a list of [3, H_i, W_i]
+        (sizes may differ) -> a list of [T_i, D_lm], in the same order."""
+        if torch.is_tensor(pixel_values):
+            return self._encode_batch(pixel_values)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(pixel_values):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        tokens: dict[int, torch.Tensor] = {}
+        for indices in by_size.values():  # one tower pass per image size
+            tokens.update(zip(indices, self._encode_batch(torch.stack([pixel_values[i] for i in indices]))))
+        return [tokens[i] for i in range(len(pixel_values))]
+
+    def _encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         features = self.vision(pixel_values.to(self.vision.embeddings.proj.weight.dtype))
         return self.connector(features, grid)
@@ -61,9 +92,9 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     def embed(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
-        image_embeds: torch.Tensor | None = None,
+        image_embeds: ImageTokens | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings (with `splice`: image tokens written over the `<image>` placeholders);
         arguments as `fuse`."""
@@ -72,51 +103,59 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     def fuse(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
-        image_embeds: torch.Tensor | None = None,
+        image_embeds: ImageTokens | None = None,
     ) -> FusionOutput:
         """The LM's input embeddings and layer context: the fusion applied to the token embeddings and images.
 
-        Images are consumed in reading order: row by row, left to right. `image_counts[b]` (images
-        of sample b), when given, is checked against each row's placeholders. `image_embeds`
-        (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to encode an image
-        shared by several rows only once.
+        Images are consumed in reading order: row by row, left to right; each image fills as many
+        placeholders as it has tokens (images of several sizes: `pixel_values` as a list).
+        `image_counts[b]` (images of sample b), when given, is checked against each row's placeholders.
+        `image_embeds` (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to
+        encode an image shared by several rows only once.
         """
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
-        per_row = is_image.sum(dim=1)
-        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
+        rows = is_image.sum(dim=1).tolist()  # placeholders per row
+        if image_embeds is None and pixel_values is not None and len(pixel_values) > 0:
             image_embeds = self.encode_images(pixel_values)
-        num_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if image_embeds is not None and not torch.is_tensor(image_embeds):
+            image_embeds = list(image_embeds)
+            if len({e.shape for e in image_embeds}) == 1:
+                image_embeds = torch.stack(image_embeds)  # one count for all: the fusion gets [N, T, D]
+        num_images = 0 if image_embeds is None else len(image_embeds)
         if num_images == 0:
-            if bool(per_row.any()):
+            if any(rows):
                 raise ImagePlaceholderError(
-                    f"the batch has {int(per_row.sum())} image placeholder tokens but no images were given"
+                    f"the batch has {sum(rows)} image placeholder tokens but no images were given"
                 )
             return FusionOutput(embeds)
-        t = image_embeds.shape[1]
+        uniform = image_embeds.shape[1] if torch.is_tensor(image_embeds) else None
+        tokens = [uniform] * num_images if uniform is not None else [e.shape[0] for e in image_embeds]
         if image_counts is not None:
-            counts = torch.as_tensor(image_counts, device=per_row.device)
-            bad = (per_row != counts * t).nonzero().flatten().tolist()
-            if bad:
-                b = bad[0]
-                raise ImagePlaceholderError(
-                    f"sample {b} has {int(per_row[b])} image placeholder tokens but {int(counts[b])} image(s) "
-                    f"x {t} tokens = {int(counts[b]) * t} were expected"
-                )
-        total = int(per_row.sum())
-        if total != num_images * t:
-            raise ImagePlaceholderError(
-                f"the batch has {total} image placeholder tokens but {num_images} image(s) x {t} tokens per image "
-                f"= {num_images * t}; each <image> must expand to exactly {t} placeholders"
-            )
+            counts = torch.as_tensor(image_counts).tolist()
+            if sum(counts) != num_images:
+                raise ImagePlaceholderError(f"image_counts add up to {sum(counts)} image(s) but {num_images} "
+                                            "were given")
+            start = 0
+            for b, n in enumerate(counts):
+                mine, start = tokens[start : start + n], start + n
+                if rows[b] != sum(mine):
+                    raise ImagePlaceholderError(f"sample {b} has {rows[b]} image placeholder tokens but "
+                                                f"{_describe(mine, uniform)} were expected")
+        total = sum(rows)
+        if total != sum(tokens):
+            expected = (f"{num_images} image(s) x {uniform} tokens per image = {num_images * uniform}; each <image> "
+                        f"must expand to exactly {uniform} placeholders" if uniform is not None else
+                        f"{_describe(tokens, None)}; each <image> must expand to its own image's token count")
+            raise ImagePlaceholderError(f"the batch has {total} image placeholder tokens but {expected}")
         return self.fusion(embeds, image_embeds, is_image)
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageBatch | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
@@ -134,9 +173,9 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
-        image_embeds: torch.Tensor | None = None,
+        image_embeds: ImageTokens | None = None,
         **kwargs,
     ) -> list[list[int]]:
         """Generate from left-padded prompts with images fused in (from `pixel_values`, or `image_embeds`

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from vlmkit.config import ConfigError, from_dict, to_dict
-from vlmkit.data.chat import ChatFormat
 from vlmkit.data.datasets import (
     ConversationDataset,
     ImageTextDataset,
@@ -24,8 +23,10 @@ from vlmkit.data.datasets import (
     read_records,
 )
 from vlmkit.data.images import ImageProcessor
+from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.scenes import SceneDataset, collate_scenes, data_spec, read_scenes, scene_attributes, spec_attributes
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.device import batch_to
 from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
 from vlmkit.hf.hub import load_into
@@ -258,12 +259,12 @@ class VLMStage(Stage):
         return read_records(self.data_path(name), strict=self.cfg.data.strict)
 
     def make_dataset(self, model: VisionLanguageModel, records) -> ConversationDataset:
-        chat = ChatFormat(self.tokenizer, model.tokens_per_image)
-        processor = ImageProcessor.from_vision_config(model.config.vision)
+        # The dataset resizes every image to the configured size, so each <image> gets that size's count.
+        processor = VLMProcessor.for_model(model, self.tokenizer)
         records, report = records
         return ConversationDataset.from_records(
-            records, report, self.cfg.data.root, chat, processor, max_length=self.cfg.data.max_length,
-            strict=self.cfg.data.strict)
+            records, report, self.cfg.data.root, processor.chat, processor.image_processor,
+            max_length=self.cfg.data.max_length, strict=self.cfg.data.strict)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train = self.make_dataset(model, self.records(self.cfg.data.train))
@@ -282,9 +283,8 @@ class VLMStage(Stage):
         and batches travel to the device like pixel batches."""
         if not len(dataset.image_pixels):
             return  # text only
-        processor = ImageProcessor.from_vision_config(model.config.vision)
-        features = tower_features(model.vision, processor, dataset.image_pixels, precision=self.cfg.precision,
-                                  cache_dir=self.cfg.data.feature_cache)
+        features = tower_features(model.vision, dataset.processor, dataset.image_pixels,
+                                  precision=self.cfg.precision, cache_dir=self.cfg.data.feature_cache)
         dataset.use_features(features.cpu() if self.cfg.data.resolved_num_workers() else features)
 
     def collate(self, batch: list) -> dict:
@@ -304,8 +304,7 @@ class VLMStage(Stage):
         device = next(model.parameters()).device
         total, batches = 0.0, 0
         for start in range(0, n, 32):
-            batch = self.collate([val[i] for i in range(start, min(n, start + 32))])
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = batch_to(self.collate([val[i] for i in range(start, min(n, start + 32))]), device)
             total += float(self.loss(model, batch))
             batches += 1
         return {"val_loss": total / max(1, batches), "val_samples": n}

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.device import autocast, resolve_device
+from vlmkit.device import autocast, batch_to, resolve_device
 from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
 from vlmkit.train.config import RunConfig, run_config_to_dict
@@ -221,7 +221,7 @@ class Trainer:
             workers._shutdown_workers()
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch_to(batch, self.device, non_blocking=True)
 
     def _log(self, window: dict) -> dict:
         elapsed = max(1e-9, time.perf_counter() - window["start"])

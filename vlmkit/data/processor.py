@@ -1,0 +1,100 @@
+"""VLMProcessor: what turns conversations and images into a model's inputs, in one object.
+
+It owns the tokenizer, the chat template (a `ChatFormat`), the image preprocessing (an
+`ImageProcessor`) and the answer to "how many tokens does this image become?". The model gives that
+answer as a function of the preprocessed image's height and width (`image_token_count`), so every
+`<image>` expands to its own image's count and images of different sizes can share a batch.
+
+Nothing in vlmkit.data imports vlmkit.models: `for_model` reads the model by duck typing
+(``model.config.vision`` and ``model.image_token_count``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vlmkit.data.chat import ChatFormat, Encoded
+from vlmkit.data.images import ImageInput, ImageProcessor
+from vlmkit.data.tokenizer import Tokenizer
+
+__all__ = ["VLMProcessor"]
+
+
+class VLMProcessor:
+    """Tokenizer + chat template + image preprocessing + image token counts, for one model.
+
+    `token_count(height, width)` is the number of image tokens a preprocessed image of that size
+    becomes; `image_processor` and `token_count` are both None for a text-only model, whose
+    conversations may not contain images.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None,
+                 token_count: Callable[[int, int], int] | None = None, system_prompt: str | None = None):
+        if (image_processor is None) != (token_count is None):
+            raise ValueError("give both image_processor and token_count (a vision model), or neither (text-only)")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self._token_count = token_count
+        # The template's default count is the configured size's, so the fixed-size path is unchanged.
+        size = None if image_processor is None else image_processor.size
+        self.chat = ChatFormat(tokenizer, None if size is None else token_count(size, size), system_prompt)
+
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Tokenizer, system_prompt: str | None = None) -> VLMProcessor:
+        """The processor of `model`: a VisionLanguageModel (``config.vision`` and ``image_token_count``),
+        or text-only for a model without ``config.vision`` (e.g. a LanguageModel)."""
+        vision = getattr(model.config, "vision", None)
+        if vision is None:
+            return cls.text_only(tokenizer, system_prompt)
+        return cls(tokenizer, ImageProcessor.from_vision_config(vision), model.image_token_count, system_prompt)
+
+    @classmethod
+    def text_only(cls, tokenizer: Tokenizer, system_prompt: str | None = None) -> VLMProcessor:
+        return cls(tokenizer, system_prompt=system_prompt)
+
+    def __repr__(self) -> str:
+        if self.image_processor is None:
+            return "VLMProcessor(text-only)"
+        return f"VLMProcessor({self.image_processor!r}, {self.chat.image_tokens} tokens at that size)"
+
+    @property
+    def has_vision(self) -> bool:
+        return self.image_processor is not None
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn (generation stops there)."""
+        return self.chat.end_of_turn_id
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """How many tokens a preprocessed `height` x `width` image becomes."""
+        self._need_vision()
+        return self._token_count(height, width)
+
+    def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
+        """An image or image path -> float32 [3, size, size] (`size`: default the configured size)."""
+        self._need_vision()
+        return self.image_processor(image, size)
+
+    def encode(self, conversation: Any, add_generation_prompt: bool = False, *,
+               image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
+        """Token ids, labels and per-image token counts of a conversation (shapes as `ChatFormat.encode`).
+
+        `image_sizes` are the preprocessed (height, width) of its images in reading order; default:
+        every image at the configured size.
+        """
+        counts = None if image_sizes is None else [self.image_tokens(h, w) for h, w in image_sizes]
+        return self.chat.encode(conversation, add_generation_prompt, image_tokens=counts)
+
+    def prompt(self, question: str, with_image: bool = True, image_size: tuple[int, int] | None = None) -> Encoded:
+        """A single-turn prompt ending with the assistant header, as `ChatFormat.prompt`; `image_size`:
+        the image's preprocessed (height, width), default the configured size."""
+        count = None if image_size is None or not with_image else self.image_tokens(*image_size)
+        return self.chat.prompt(question, with_image, image_tokens=count)
+
+    def _need_vision(self) -> None:
+        if self.image_processor is None:
+            raise ValueError("this model has no vision tower: it takes no images")
