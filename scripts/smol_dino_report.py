@@ -21,8 +21,8 @@ import torch
 from vlmkit.eval.generation import Answerer
 from vlmkit.eval.metrics import parse_yes_no, score
 from vlmkit.eval.run_eval import read_jsonl
-from vlmkit.io import write_json_atomic
 from vlmkit.hf.pretrained import load_language_model, load_tokenizer
+from vlmkit.io import write_json_atomic
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
 TEXT_QUESTIONS = (

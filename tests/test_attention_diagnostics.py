@@ -16,8 +16,8 @@ from vlmkit.eval.attention import (
     plot_attention,
     token_statistics,
 )
-from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.hf.hub import lm_state_dict_from_hf, load_into
+from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.language import positions_from_mask, recording_attention
 from vlmkit.models.vlm import VisionLanguageModel
 

@@ -13,8 +13,8 @@ from vlmkit.config import ConfigError, VisionConfig
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.scenes import SceneDataset, cell_targets, collate_scenes, data_spec, read_scenes
 from vlmkit.data.shapes_world import generate_scene, write_dataset
-from vlmkit.models.dense import DenseConfig, DenseTower, box_bin_targets
 from vlmkit.hf.pretrained import tower_weights
+from vlmkit.models.dense import DenseConfig, DenseTower, box_bin_targets
 from vlmkit.models.vision import ViT
 from vlmkit.train.features import tower_features
 from vlmkit.train.recipe import recipe_stages, stage_config

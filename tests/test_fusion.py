@@ -12,9 +12,9 @@ from torch.nn.utils.rnn import pad_sequence
 from vlmkit.config import ConfigError, ModelConfig
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.eval.generation import left_pad
+from vlmkit.hf.llava import ExportError, check_exportable
 from vlmkit.models.fusion import FUSIONS, Fusion, FusionOutput, LayerContext, SpliceFusion
 from vlmkit.models.language import LanguageModel
-from vlmkit.hf.llava import ExportError, check_exportable
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.config import OptimConfig
 from vlmkit.train.optim import param_groups

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -39,8 +40,16 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 
 
 def test_installed_wheel_runs_built_in_and_own_recipes(tmp_path):
+    # Built from a copy of the sources: a build writes build/ and *.egg-info next to what it builds.
+    source = tmp_path / "source"
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "vlmkit"):
+        if part == "vlmkit":
+            shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / part, source / part)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-         str(ROOT)], cwd=tmp_path)
+         str(source)], cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("vlmkit-*.whl"))
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from vlmkit.config import LanguageConfig, VisionConfig
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.io import atomic_directory
 from vlmkit.hf.hub import CLIP, DINOV2, LM_RULES, SIGLIP, StateDict, VisionFamily, rename_keys
+from vlmkit.io import atomic_directory
 from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel
 

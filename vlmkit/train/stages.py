@@ -27,10 +27,10 @@ from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.scenes import SceneDataset, collate_scenes, data_spec, read_scenes, scene_attributes, spec_attributes
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import batch_to
-from vlmkit.models.clip import ClipConfig, DualEncoder
-from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
 from vlmkit.hf.hub import load_into
 from vlmkit.hf.pretrained import build_vlm, load_vision_weights, tower_weights, vision_config_from_section
+from vlmkit.models.clip import ClipConfig, DualEncoder
+from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 from vlmkit.train.config import RunConfig
 from vlmkit.train.features import tower_features
