@@ -115,18 +115,13 @@ def dialogue_records(
     also the two object lists of `object_list_qa` (own records: their boxes must not be in view of a
     conversation that asks for them).
 
-    Many answers per conversation means many supervised tokens per pass over the image's tokens: at an
-    equal budget this teaches far more than one or two questions per record (see docs/recipe_ablation.md).
+    Many answers per conversation means many supervised tokens per pass over the image's tokens, but
+    correlated ones: at an equal budget one question per record (`question_records`) taught the demo
+    model more (the `dialogues` row of docs/recipe_ablation.md).
     """
     stem = f"{scene.index:06d}"
-    captions = caption_scene(scene, rng, margin=margin)
-    caption = (rng.choice(CAPTION_PROMPTS), _sentence(rng.choice(captions)))
-    records = [{"id": f"{stem}_cap", "image": image, "conversations": _conversation([caption])}]
-    if object_lists and scene.objects:
-        for boxes_first in (False, True):
-            q = object_list_qa(scene, rng, boxes_first)
-            records.append({"id": f"{stem}_{'where' if boxes_first else 'list'}", "image": image,
-                            "conversations": _conversation([(q.question, q.answer)])})
+    records = [{"id": f"{stem}_{name}", "image": image, "conversations": _conversation([(q, a)])}
+               for name, q, a in _caption_and_lists(scene, rng, margin, object_lists)]
     for d in range(n_dialogues):
         qs = questions_for_scene(scene, rng, spec, max_per_type=max_per_type, focus_pairs=focus_pairs,
                                  negative_pairs=negative_pairs, margin=margin)
@@ -168,15 +163,23 @@ def question_records(
     single-turn record per question the scene offers (up to ``max_per_type`` per type): every answer
     is asked exactly as evaluation asks it, with nothing else in view to copy from."""
     stem = f"{scene.index:06d}"
+    turns = _caption_and_lists(scene, rng, margin, object_lists)
+    qs = questions_for_scene(scene, rng, spec, max_per_type=max_per_type, focus_pairs=focus_pairs,
+                             negative_pairs=negative_pairs, margin=margin)
+    turns += [(f"q{j}", *_qa_pair(q)) for j, q in enumerate(qs)]
+    return [{"id": f"{stem}_{name}", "image": image, "conversations": _conversation([(q, a)])} for name, q, a in turns]
+
+
+def _caption_and_lists(scene: Scene, rng: random.Random, margin: float,
+                       object_lists: bool) -> list[tuple[str, str, str]]:
+    """(name, question, answer) of the caption request and (with ``object_lists``, in a scene with
+    objects) the two object lists; each becomes a record of its own."""
     captions = caption_scene(scene, rng, margin=margin)
     turns = [("cap", rng.choice(CAPTION_PROMPTS), _sentence(rng.choice(captions)))]
     if object_lists and scene.objects:
         turns += [("where" if first else "list", *_qa_pair(object_list_qa(scene, rng, first)))
                   for first in (False, True)]
-    qs = questions_for_scene(scene, rng, spec, max_per_type=max_per_type, focus_pairs=focus_pairs,
-                             negative_pairs=negative_pairs, margin=margin)
-    turns += [(f"q{j}", *_qa_pair(q)) for j, q in enumerate(qs)]
-    return [{"id": f"{stem}_{name}", "image": image, "conversations": _conversation([(q, a)])} for name, q, a in turns]
+    return turns
 
 
 def _qa_pair(q: QA) -> tuple[str, str]:
