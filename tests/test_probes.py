@@ -105,7 +105,10 @@ def test_find_clip_run_follows_run_yaml_then_a_sibling(tmp_path):
         d.mkdir()
     (align / "run.yaml").write_text(yaml.safe_dump({"stage": "align", "vision_from": str(clip), "init_from": None}))
     (instruct / "run.yaml").write_text(yaml.safe_dump({"stage": "instruct", "init_from": str(align)}))
+    (clip / "config.json").write_text('{"format": "vlmkit-clip"}')
     assert find_clip_run(instruct) == clip
+    (clip / "config.json").write_text('{"format": "vlmkit-dense"}')  # a dense-stage tower has no text side
+    assert find_clip_run(instruct) is None
     other = tmp_path / "elsewhere" / "instruct"
     other.mkdir(parents=True)
     assert find_clip_run(other) is None

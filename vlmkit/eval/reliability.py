@@ -94,9 +94,15 @@ def _guarded(name: str, fn: Callable[[], Any]) -> Any:
         return {"status": "failed", "reason": reason}
 
 
+def _is_clip_model(run: Path) -> bool:
+    config = resolve_model_dir(run) / "config.json"
+    return config.is_file() and '"vlmkit-clip"' in config.read_text()
+
+
 def find_clip_run(run_dir: Path) -> Path | None:
     """The clip-stage run a model's vision tower came from: ``vision_from`` in its run.yaml, followed
-    through ``init_from`` links, else a sibling directory named ``clip`` holding a clip model."""
+    through ``init_from`` links, else a sibling directory named ``clip`` holding a clip model. A tower
+    from another kind of run (e.g. the `dense` stage) has no text side: no clip run."""
     seen: set[Path] = set()
     current: Path | None = run_dir
     while current is not None and current.resolve() not in seen:
@@ -106,13 +112,10 @@ def find_clip_run(run_dir: Path) -> Path | None:
             break
         cfg = yaml.safe_load(run_yaml.read_text()) or {}
         if cfg.get("vision_from"):
-            return Path(cfg["vision_from"])
+            return Path(cfg["vision_from"]) if _is_clip_model(Path(cfg["vision_from"])) else None
         current = Path(cfg["init_from"]) if cfg.get("init_from") else None
     sibling = run_dir.parent / "clip"
-    config = resolve_model_dir(sibling) / "config.json"
-    if config.is_file() and '"vlmkit-clip"' in config.read_text():
-        return sibling
-    return None
+    return sibling if _is_clip_model(sibling) else None
 
 
 class _Timer:
@@ -293,7 +296,8 @@ def _attention(model: VisionLanguageModel, tokenizer: Tokenizer, records: list[d
 def _modality_gap(run_dir: Path, root: Path | None, limit: int) -> dict[str, Any]:
     clip_run = find_clip_run(run_dir)
     if clip_run is None:
-        return not_available("no clip-stage run found (run.yaml vision_from / init_from, or a sibling 'clip' run)")
+        return not_available("the tower did not come from a clip-stage run (run.yaml vision_from / init_from, "
+                             "or a sibling 'clip' run): there is no text tower to measure the gap against")
     if root is None or not (root / "captions_val.jsonl").is_file():
         return not_available("the modality gap needs a shapes-world data directory with captions_val.jsonl")
     fn, why = optional_function("attention", "modality_gap")
