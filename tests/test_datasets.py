@@ -12,17 +12,10 @@ from PIL import Image
 from vlmkit.config import VisionConfig
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ChatFormat
-from vlmkit.data.datasets import (
-    ConversationDataset,
-    DataError,
-    ImageTextDataset,
-    LoadReport,
-    caption_records,
-    collate,
-    collate_image_text,
-    read_records,
-)
+from vlmkit.data.collate import collate, collate_image_text
+from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
 from vlmkit.data.images import ImageError, ImageProcessor, load_image
+from vlmkit.data.records import DataError, LoadReport, caption_records, read_records
 
 SIZE = 16
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ChatFormat, ConversationError
-from vlmkit.data.datasets import collate
+from vlmkit.data.collate import collate
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.eval.generation import Answerer
 from vlmkit.models.language import LanguageModel

@@ -1,6 +1,6 @@
-"""Robust loading of user data: LLaVA-format conversations and image-caption pairs.
+"""Robust datasets of user data: LLaVA-format conversations and image-caption pairs.
 
-Files are ``.json`` (a list of records) or ``.jsonl`` (one record per line, blank lines ignored).
+Records come from `vlmkit.data.records`; batches are made by `vlmkit.data.collate`.
 Every record is checked when a dataset is built. A bad record is skipped, counted by reason in a
 `LoadReport` and named by ``file:line`` in a warning on the ``vlmkit.data`` logger; with
 ``strict=True`` the first bad record found raises `DataError` instead (problems are found in
@@ -16,222 +16,33 @@ LLaVA convention: a record that has images but no ``<image>`` tag anywhere in it
 
 from __future__ import annotations
 
-import json
 import logging
 import operator
 import os
-import re
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.chat import ROLE_ALIASES, ChatFormat, ConversationError
 from vlmkit.data.images import ImageError, ImageProcessor, load_image
+from vlmkit.data.records import (
+    DataError,
+    LoadReport,
+    Record,
+    RecordSkipped,
+    caption_fields,
+    read_record_file,
+    reject,
+)
 from vlmkit.data.tokenizer import Tokenizer
 
 logger = logging.getLogger("vlmkit.data")
-
-MAX_LOGGED_WARNINGS = 20  # per report; the rest are counted in one line
-_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-class DataError(ValueError):
-    """A data file or record cannot be used; the message names ``file`` or ``file:line`` and the reason."""
-
-
-@dataclass(frozen=True)
-class Record:
-    source: str  # "file:line" where the record starts
-    data: dict[str, Any]
-
-
-@dataclass
-class LoadReport:
-    """What happened while loading one data file: counts per skip reason and one warning per skip."""
-
-    path: str
-    total: int = 0
-    kept: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    warnings: list[str] = field(default_factory=list)
-    _overflow_logged: int = field(default=0, init=False, repr=False, compare=False)
-
-    def skip(self, source: str, reason: str, detail: str) -> None:
-        """Count a skipped record; only the first `MAX_LOGGED_WARNINGS` are logged one by one."""
-        message = f"{source}: {reason}: {detail}"
-        self.skipped[reason] += 1
-        self.warnings.append(message)
-        if len(self.warnings) <= MAX_LOGGED_WARNINGS:
-            logger.warning("%s", message)
-
-    def summary(self) -> str:
-        text = f"loaded {self.kept} of {self.total} records from {self.path}"
-        n = sum(self.skipped.values())
-        if not n:
-            return f"{text}; nothing skipped"
-        reasons = sorted(self.skipped.items(), key=lambda item: (-item[1], item[0]))
-        return f"{text}; skipped {n}: " + ", ".join(f"{count} {reason}" for reason, count in reasons)
-
-    def log_summary(self) -> None:
-        unlogged = len(self.warnings) - MAX_LOGGED_WARNINGS - self._overflow_logged
-        if unlogged > 0:
-            logger.warning("%d more skipped records not logged one by one (see LoadReport.warnings)", unlogged)
-            self._overflow_logged += unlogged
-        logger.log(logging.WARNING if self.skipped else logging.INFO, "%s", self.summary())
-
-
-class _Skip(Exception):
-    """Internal: a record is rejected for `reason` (a LoadReport key)."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
-def _reject(report: LoadReport, source: str, skip: _Skip, strict: bool) -> None:
-    if strict:
-        raise DataError(f"{source}: {skip.reason}: {skip.detail}")
-    report.skip(source, skip.reason, skip.detail)
-
-
-# -- reading ----------------------------------------------------------------------------------
-
-
-def read_records(path: str | Path, strict: bool = False) -> tuple[list[Record], LoadReport]:
-    """Read the JSON objects of a ``.json`` / ``.jsonl`` file, skipping malformed lines and non-objects.
-
-    A ``.json`` file that does not parse as a whole raises `DataError` with the error position.
-    """
-    records, report = _read(path, strict)
-    report.log_summary()
-    return records, report
-
-
-def _read(path: str | Path, strict: bool) -> tuple[list[Record], LoadReport]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        items = _jsonl_items(path)
-    elif suffix == ".json":
-        items = _json_items(path)
-    else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .json or .jsonl")
-    report = LoadReport(str(path))
-    records = []
-    for line, value, error in items:
-        report.total += 1
-        source = f"{path}:{line}"
-        if error is not None:
-            _reject(report, source, _Skip("malformed_json", error), strict)
-        elif not isinstance(value, dict):
-            _reject(report, source, _Skip("not_a_dict", f"expected a JSON object, got {type(value).__name__}"), strict)
-        else:
-            records.append(Record(source, value))
-    report.kept = len(records)
-    return records, report
-
-
-def _jsonl_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, value, error) per non-blank line."""
-    with open(path, "rb") as f:  # bytes: a bad encoding on one line must only cost that line
-        for number, raw in enumerate(f, 1):
-            if number == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
-            raw = raw.rstrip()
-            if not raw:
-                continue
-            try:
-                yield number, json.loads(raw), None
-            except json.JSONDecodeError as err:
-                yield number, None, f"invalid JSON at column {err.colno}: {err.msg}"
-            except UnicodeDecodeError as err:
-                yield number, None, f"not UTF-8 text ({err})"
-
-
-def _json_items(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, value, None) per element of a top-level JSON list.
-
-    Elements are decoded one at a time so each record knows the line it starts on.
-    """
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
-    try:
-        yield from _json_array_items(path, text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-
-
-def _json_array_items(path: Path, text: str) -> Iterator[tuple[int, Any, str | None]]:
-    decoder = json.JSONDecoder()
-    pos = _JSON_WHITESPACE.match(text).end()
-    if not text.startswith("[", pos):
-        value = json.loads(text)  # raises a positioned error unless the file is valid JSON
-        raise DataError(f"{path}: expected a JSON list of records, got a JSON {type(value).__name__}")
-    line, counted = 1, 0
-    pos = _JSON_WHITESPACE.match(text, pos + 1).end()
-    if not text.startswith("]", pos):
-        while True:
-            line += text.count("\n", counted, pos)
-            counted = pos
-            value, pos = decoder.raw_decode(text, pos)
-            yield line, value, None
-            pos = _JSON_WHITESPACE.match(text, pos).end()
-            if text.startswith("]", pos):
-                break
-            if not text.startswith(",", pos):
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-            pos = _JSON_WHITESPACE.match(text, pos + 1).end()
-    pos = _JSON_WHITESPACE.match(text, pos + 1).end()
-    if pos != len(text):
-        raise json.JSONDecodeError("Extra data", text, pos)
-
-
-def _caption_fields(data: dict[str, Any]) -> tuple[str, str]:
-    image, caption = data.get("image"), data.get("caption")
-    if not isinstance(image, str) or not image.strip():
-        raise _Skip("bad_caption", "needs an 'image' path (a non-empty string)")
-    if not isinstance(caption, str) or not caption.strip():
-        raise _Skip("bad_caption", "needs a 'caption' (a non-empty string)")
-    return image, caption
-
-
-def caption_records(
-    path: str | Path, prompt: str = "Describe the image.", strict: bool = False
-) -> tuple[list[Record], LoadReport]:
-    """Read ``{"image", "caption"}`` pairs as one-turn conversations (``<image>\\n{prompt}`` -> caption).
-
-    The result feeds `ConversationDataset.from_records` for the alignment stage.
-    """
-    records, report = _read(path, strict)
-    conversations = []
-    for record in records:
-        try:
-            image, caption = _caption_fields(record.data)
-        except _Skip as skip:
-            _reject(report, record.source, skip, strict)
-            continue
-        data: dict[str, Any] = {"image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption}]}
-        if "id" in record.data:
-            data = {"id": record.data["id"], **data}
-        conversations.append(Record(record.source, data))
-    report.kept = len(conversations)
-    report.log_summary()
-    return conversations, report
-
 
 # -- images -----------------------------------------------------------------------------------
 
@@ -259,19 +70,19 @@ class _ImageStore:
             self.paths.append(path)
         return self._index[path]
 
-    def check(self, workers: int | None) -> dict[int, _Skip]:
+    def check(self, workers: int | None) -> dict[int, RecordSkipped]:
         """Decode every image once (in threads: PIL releases the GIL); returns failures by index."""
         if self.cache:
             size = self.processor.size
             self._pixels = np.empty((len(self.paths), size, size, 3), dtype=np.uint8)
 
-        def visit(index: int) -> _Skip | None:
+        def visit(index: int) -> RecordSkipped | None:
             try:
                 image = load_image(self.paths[index])
                 if self._pixels is not None:
                     self._pixels[index] = self.processor.to_uint8(image)
             except ImageError as err:
-                return _Skip("missing_image" if err.kind == "missing" else "unreadable_image", str(err))
+                return RecordSkipped("missing_image" if err.kind == "missing" else "unreadable_image", str(err))
             return None
 
         workers = workers or min(8, os.cpu_count() or 1)
@@ -296,15 +107,15 @@ def _validate(
 ) -> list[tuple[str, Any, list[int]]]:
     """The one validation path: `parse` checks a record's content, then its images are decoded.
 
-    `parse(data)` returns (item, image names) or raises `_Skip`. Returns (source, item, image
+    `parse(data)` returns (item, image names) or raises `RecordSkipped`. Returns (source, item, image
     indices) for the records that pass, and sets `report.kept`.
     """
     staged = []
     for record in records:
         try:
             item, names = parse(record.data)
-        except _Skip as skip:
-            _reject(report, record.source, skip, strict)
+        except RecordSkipped as skip:
+            reject(report, record.source, skip, strict)
             continue
         staged.append((record.source, item, [store.add(name) for name in names]))
     failures = store.check(workers)
@@ -312,7 +123,7 @@ def _validate(
     for source, item, indices in staged:
         failure = next((failures[i] for i in indices if i in failures), None)
         if failure is not None:
-            _reject(report, source, failure, strict)
+            reject(report, source, failure, strict)
         else:
             kept.append((source, item, indices))
     report.kept = len(kept)
@@ -370,7 +181,7 @@ def _image_names(data: dict[str, Any]) -> list[str]:
         return []
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
-        raise _Skip("bad_image_field", f"'image' must be a path or a list of paths, got {value!r:.80}")
+        raise RecordSkipped("bad_image_field", f"'image' must be a path or a list of paths, got {value!r:.80}")
     return names
 
 
@@ -415,7 +226,7 @@ class ConversationDataset(_SkippingDataset):
         if records is None:
             if path is None:
                 raise ValueError("give a data file path or already-read records")
-            records, report = _read(path, strict)
+            records, report = read_record_file(path, strict)
         elif report is None:
             report = LoadReport(str(path or "<records>"), total=len(records), kept=len(records))
         self.chat, self.processor, self.max_length = chat, processor, max_length
@@ -462,14 +273,14 @@ class ConversationDataset(_SkippingDataset):
         try:
             encoded = self.chat.encode(data)
         except ConversationError as err:
-            raise _Skip("bad_conversation", str(err)) from None
+            raise RecordSkipped("bad_conversation", str(err)) from None
         if all(label == IGNORE_INDEX for label in encoded.labels):
-            raise _Skip("bad_conversation", "no assistant answer to learn from")
+            raise RecordSkipped("bad_conversation", "no assistant answer to learn from")
         if encoded.num_images != len(names):
-            raise _Skip("image_count_mismatch",
+            raise RecordSkipped("image_count_mismatch",
                         f"{encoded.num_images} <image> placeholder(s) in the text but {len(names)} image(s) given")
         if len(encoded.input_ids) > self.max_length:
-            raise _Skip("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
+            raise RecordSkipped("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
         ids = np.asarray(encoded.input_ids, dtype=np.int32)
         return (ids, np.asarray(encoded.labels, dtype=np.int32)), names
 
@@ -533,7 +344,7 @@ class ImageTextDataset(_SkippingDataset):
         if max_text_length < 1:
             raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
         self.tokenizer, self.processor, self.max_text_length = tokenizer, processor, max_text_length
-        records, self.report = _read(path, strict)
+        records, self.report = read_record_file(path, strict)
         self._store = _ImageStore(image_root, processor, cache_images)
         kept = _validate(records, self.report, strict, self._parse, self._store, decode_workers)
         self.report.log_summary()
@@ -557,7 +368,7 @@ class ImageTextDataset(_SkippingDataset):
         return str(self.image_paths[index])
 
     def _parse(self, data: dict[str, Any]) -> tuple[tuple[str, np.ndarray], list[str]]:
-        image, caption = _caption_fields(data)
+        image, caption = caption_fields(data)
         ids = np.asarray(self.tokenizer.encode(caption)[: self.max_text_length], dtype=np.int32)
         return (caption, ids), [image]
 
@@ -567,60 +378,3 @@ class ImageTextDataset(_SkippingDataset):
             "pixel_values": self.processor.normalize(pixels),
             "text_ids": torch.from_numpy(self._text_ids[index]).long(),
         }
-
-
-# -- batching ---------------------------------------------------------------------------------
-
-
-def _pad(sequences: list[torch.Tensor], value: int) -> torch.Tensor:
-    return pad_sequence(sequences, batch_first=True, padding_value=value)
-
-
-def _mask(lengths: list[int], width: int) -> torch.Tensor:
-    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
-
-
-def _join_images(images: list[torch.Tensor | Sequence[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor] | None:
-    """Per-sample images ([n, ...] tensors or lists of single images) in sample order: one tensor when
-    they all have one shape, else a list of single images (the model groups them by size)."""
-    if not images:
-        return None
-    if all(torch.is_tensor(x) for x in images) and len({x.shape[1:] for x in images}) == 1:
-        return torch.cat(images)
-    flat = [image for sample in images for image in sample]
-    return torch.stack(flat) if len({image.shape for image in flat}) == 1 else flat
-
-
-def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
-    """Right-pad `ConversationDataset` samples; images are concatenated in sample order.
-
-    Returns ``input_ids`` / ``labels`` (padded with IGNORE_INDEX) / ``attention_mask`` [B, L],
-    ``pixel_values`` [N_total, 3, H, W] (or, when image sizes differ, a list of N_total [3, H_i, W_i])
-    or None when the batch has no image, ``image_counts`` [B]. Samples that carry ``image_features``
-    (see `ConversationDataset.use_features`) give ``image_features`` [N_total, P, D] in place of
-    ``pixel_values``.
-    """
-    if not batch:
-        raise ValueError("collate got an empty batch")
-    input_ids = _pad([sample["input_ids"] for sample in batch], pad_id)
-    key = "image_features" if any("image_features" in sample for sample in batch) else "pixel_values"
-    images = [sample[key] for sample in batch if sample["num_images"]]
-    return {
-        "input_ids": input_ids,
-        "labels": _pad([sample["labels"] for sample in batch], IGNORE_INDEX),
-        "attention_mask": _mask([len(sample["input_ids"]) for sample in batch], input_ids.shape[1]),
-        key: _join_images(images),
-        "image_counts": torch.tensor([sample["num_images"] for sample in batch], dtype=torch.long),
-    }
-
-
-def collate_image_text(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack `ImageTextDataset` samples: ``pixel_values`` [B, 3, H, W], ``text_ids`` / ``text_mask`` [B, T]."""
-    if not batch:
-        raise ValueError("collate_image_text got an empty batch")
-    text_ids = _pad([sample["text_ids"] for sample in batch], pad_id)
-    return {
-        "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
-        "text_ids": text_ids,
-        "text_mask": _mask([len(sample["text_ids"]) for sample in batch], text_ids.shape[1]),
-    }

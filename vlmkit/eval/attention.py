@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmkit.data.datasets import ImageTextDataset, collate_image_text
+from vlmkit.data.collate import collate_image_text
+from vlmkit.data.datasets import ImageTextDataset
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer

@@ -14,16 +14,11 @@ import torch
 from torch import nn
 
 from vlmkit.config import ConfigError, from_dict, to_dict
-from vlmkit.data.datasets import (
-    ConversationDataset,
-    ImageTextDataset,
-    caption_records,
-    collate,
-    collate_image_text,
-    read_records,
-)
+from vlmkit.data.collate import collate, collate_image_text
+from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
 from vlmkit.data.images import ImageProcessor
 from vlmkit.data.processor import VLMProcessor
+from vlmkit.data.records import caption_records, read_records
 from vlmkit.data.scenes import SceneDataset, collate_scenes, data_spec, read_scenes, scene_attributes, spec_attributes
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import batch_to

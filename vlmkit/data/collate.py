@@ -1,0 +1,65 @@
+"""Batching: right-padded token ids, labels and masks; images stacked, or listed when sizes differ."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from vlmkit.constants import IGNORE_INDEX
+
+
+def _pad(sequences: list[torch.Tensor], value: int) -> torch.Tensor:
+    return pad_sequence(sequences, batch_first=True, padding_value=value)
+
+
+def _mask(lengths: list[int], width: int) -> torch.Tensor:
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def _join_images(images: list[torch.Tensor | Sequence[torch.Tensor]]) -> torch.Tensor | list[torch.Tensor] | None:
+    """Per-sample images ([n, ...] tensors or lists of single images) in sample order: one tensor when
+    they all have one shape, else a list of single images (the model groups them by size)."""
+    if not images:
+        return None
+    if all(torch.is_tensor(x) for x in images) and len({x.shape[1:] for x in images}) == 1:
+        return torch.cat(images)
+    flat = [image for sample in images for image in sample]
+    return torch.stack(flat) if len({image.shape for image in flat}) == 1 else flat
+
+
+def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor | list[torch.Tensor] | None]:
+    """Right-pad `ConversationDataset` samples; images are concatenated in sample order.
+
+    Returns ``input_ids`` / ``labels`` (padded with IGNORE_INDEX) / ``attention_mask`` [B, L],
+    ``pixel_values`` [N_total, 3, H, W] (or, when image sizes differ, a list of N_total [3, H_i, W_i])
+    or None when the batch has no image, ``image_counts`` [B]. Samples that carry ``image_features``
+    (see `ConversationDataset.use_features`) give ``image_features`` [N_total, P, D] in place of
+    ``pixel_values``.
+    """
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    input_ids = _pad([sample["input_ids"] for sample in batch], pad_id)
+    key = "image_features" if any("image_features" in sample for sample in batch) else "pixel_values"
+    images = [sample[key] for sample in batch if sample["num_images"]]
+    return {
+        "input_ids": input_ids,
+        "labels": _pad([sample["labels"] for sample in batch], IGNORE_INDEX),
+        "attention_mask": _mask([len(sample["input_ids"]) for sample in batch], input_ids.shape[1]),
+        key: _join_images(images),
+        "image_counts": torch.tensor([sample["num_images"] for sample in batch], dtype=torch.long),
+    }
+
+
+def collate_image_text(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack `ImageTextDataset` samples: ``pixel_values`` [B, 3, H, W], ``text_ids`` / ``text_mask`` [B, T]."""
+    if not batch:
+        raise ValueError("collate_image_text got an empty batch")
+    text_ids = _pad([sample["text_ids"] for sample in batch], pad_id)
+    return {
+        "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
+        "text_ids": text_ids,
+        "text_mask": _mask([len(sample["text_ids"]) for sample in batch], text_ids.shape[1]),
+    }
