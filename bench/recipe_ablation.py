@@ -123,12 +123,9 @@ def make_data(recipe: Recipe, out: Path) -> Path:
 
 
 def stage_overrides(recipe: Recipe, stage: str, run: Path, data: Path) -> list[str]:
-    paths = {"out": str(run / stage), "tokenizer": str(data / "tokenizer"), "data.root": str(data),
-             "log_every": 10, "save_every": 10**9}
-    for key in ("vision_from", "init_from"):
-        if (recipe["stages"][stage] or {}).get(key) in recipe["stages"]:
-            paths[key] = str(run / recipe["stages"][stage][key])
-    return [f"{k}={v}" for k, v in paths.items()]
+    from vlmkit.train.recipe import stage_paths
+
+    return stage_paths(recipe, stage, run, data) + ["log_every=10", f"save_every={10**9}"]
 
 
 def seconds_per_step(recipe: Recipe, stage: str, data: Path, scratch: Path) -> float:

@@ -36,14 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.data.shapes_world import write_dataset
     from vlmkit.data.tokenizer import train_tokenizer
     from vlmkit.eval.run_eval import evaluate, print_report
-    from vlmkit.train.recipe import read_recipe, recipe_stages, stage_config
-    from vlmkit.train.stages import stage_class
+    from vlmkit.train.recipe import read_recipe, recipe_stages, stage_config, stage_paths
     from vlmkit.train.trainer import Trainer
 
     started = time.perf_counter()
     recipe = read_recipe(args.recipe)
     out = Path(args.out)
-    data_dir, tok_dir = out / "data", out / "data" / "tokenizer"
+    data_dir = out / "data"
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -52,17 +51,13 @@ def run(args: argparse.Namespace) -> int:
         scenes = ", ".join(f"{split} {c['scenes']}" for split, c in summary["counts"].items())
         print(f"[demo] shapes-world scenes: {scenes} -> {data_dir} ({summary['seconds']:.0f}s)")
         tokenizer = train_tokenizer(tokenizer_texts(data_dir), **recipe.get("tokenizer_training", {}))
-        tokenizer.save(tok_dir)
+        tokenizer.save(data_dir / "tokenizer")
     timings["synth"] = time.perf_counter() - t
 
     stages = recipe_stages(recipe, args.recipe)
     for stage in stages:
         t = time.perf_counter()
-        paths = {"out": str(out / stage), "tokenizer": str(tok_dir), "data.root": str(data_dir)}
-        # A stage starts from an earlier one by naming it (`vision_from: dense`): its run directory here.
-        paths.update({key: str(out / recipe["stages"][stage][key]) for key in stage_class(stage).starts_from
-                      if (recipe["stages"][stage] or {}).get(key) in recipe["stages"]})
-        overrides = [f"{k}={v}" for k, v in paths.items()] + list(args.overrides)
+        overrides = stage_paths(recipe, stage, out, data_dir) + list(args.overrides)
         cfg = stage_config(recipe, stage, overrides, args.recipe)
         print(f"[demo] stage {stage}: {cfg.optim.steps} steps x {cfg.optim.batch_size * cfg.optim.grad_accum} samples")
         results = Trainer(cfg).fit()

@@ -18,7 +18,6 @@ epoch, index), so each epoch mirrors a different half of the data.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from torch.utils.data import Dataset
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.images import ImageProcessor, load_image
 from vlmkit.data.shapes_world import ALL_SHAPES, Scene, SceneSpec, generate_scene, render_scene
-from vlmkit.io import read_jsonl
+from vlmkit.io import read_json_file, read_jsonl
 
 SCENES_FILE = "scenes.jsonl"
 NOT_ATTRIBUTES = frozenset({"box"})
@@ -73,12 +72,7 @@ def spec_attributes(spec: SceneSpec) -> dict[str, list[str]]:
 
 def data_spec(data_root: str | Path) -> tuple[SceneSpec, int]:
     """The training `SceneSpec` of a `vlmkit synth` directory (held-out pairs excluded) and its seed."""
-    from dataclasses import replace
-
-    path = Path(data_root) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: generating scenes needs a `vlmkit synth` data directory")
-    meta = json.loads(path.read_text())
+    meta = read_json_file(Path(data_root) / "meta.json", "generating scenes needs a `vlmkit synth` data directory")
     spec = SceneSpec.from_dict(meta["spec"])
     held_out = frozenset(tuple(p) for p in meta.get("holdout_pairs", ()))
     return replace(spec, exclude_pairs=spec.exclude_pairs | held_out, require_pairs=frozenset()), int(meta["seed"])

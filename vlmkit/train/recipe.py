@@ -100,3 +100,15 @@ def load_run_config(path: str | Path, overrides: list[str] = (), stage: str | No
     if stage is not None:
         data["stage"] = stage
     return checked(run_config_from_dict(apply_overrides(data, list(overrides)), str(path)))
+
+
+def stage_paths(recipe: dict[str, Any], stage: str, run_dir: str | Path, data_dir: str | Path) -> list[str]:
+    """Overrides that place one stage of a recipe run: its run directory ``run_dir/<stage>``, the data
+    and tokenizer of ``data_dir``, and each earlier stage it starts from by name (``vision_from: dense``,
+    keys from the stage's `starts_from`) resolved to that stage's run directory."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    paths = {"out": run_dir / stage, "tokenizer": data_dir / "tokenizer", "data.root": data_dir}
+    section = recipe["stages"][stage] or {}
+    paths.update({key: run_dir / section[key] for key in stage_class(stage).starts_from
+                  if section.get(key) in recipe["stages"]})
+    return [f"{key}={value}" for key, value in paths.items()]

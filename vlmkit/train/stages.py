@@ -62,6 +62,15 @@ class Stage:
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor: ...
     def evaluate(self, model: nn.Module, val) -> dict: ...
 
+    def start_tower_model(self, model: DualEncoder | DenseTower) -> DualEncoder | DenseTower:
+        """A tower-pretraining model starts from a run of its own stage (`init_from`), else its tower
+        from the HF checkpoint its config names (`model.vision.pretrained`), else from random weights."""
+        if self.cfg.init_from:
+            model.load_state_dict(type(model).from_pretrained(self.cfg.init_from).state_dict())
+        elif model.config.vision.pretrained:
+            load_vision_weights(model.vision, model.config.vision.pretrained)
+        return model
+
     @staticmethod
     def count_tokens(batch: dict) -> int:
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["text_mask"].sum())
@@ -104,11 +113,7 @@ class ClipStage(Stage):
         model_cfg = ClipConfig(vision=vision, text=self.cfg.text_config(self.tokenizer.vocab_size),
                                embed_dim=self.cfg.clip_embed_dim)
         model = DualEncoder(model_cfg)
-        if self.cfg.init_from:
-            model.load_state_dict(DualEncoder.from_pretrained(self.cfg.init_from).state_dict())
-        elif vision.pretrained:
-            load_vision_weights(model.vision, vision.pretrained)
-        return model
+        return self.start_tower_model(model)
 
     def set_trainable(self, model: nn.Module) -> None:
         freeze(model, True)
@@ -179,11 +184,7 @@ class DenseStage(Stage):
         options = {k: v for k, v in self.cfg.dense.items() if k not in ("vision", "attributes")}
         model = DenseTower(from_dict(DenseConfig, {**options, "vision": to_dict(vision), "attributes": self.attributes},
                                      "dense"))
-        if self.cfg.init_from:
-            model.load_state_dict(DenseTower.from_pretrained(self.cfg.init_from).state_dict())
-        elif vision.pretrained:
-            load_vision_weights(model.vision, vision.pretrained)
-        return model
+        return self.start_tower_model(model)
 
     def set_trainable(self, model: nn.Module) -> None:
         freeze(model, True)
