@@ -49,3 +49,31 @@ def test_unknown_connector_lists_choices():
     with pytest.raises(ConfigError, match="choose one of"):
         build_connector(ConnectorConfig(name="qformerx"), 4, 4)
     assert {"linear", "mlp2x_gelu", "pixel_shuffle"} <= set(CONNECTORS)
+
+
+@pytest.mark.parametrize("name,prefix,grid,rows_cols", [
+    ("linear", 1, (3, 4), (3, 4)),
+    ("pixel_shuffle", 0, (4, 6), (2, 3)),
+])
+def test_grid_embedding_adds_its_row_and_column_to_each_image_token(name, prefix, grid, rows_cols):
+    conn = build_connector(ConnectorConfig(name=name, grid_embedding=True), 6, 5, num_prefix_tokens=prefix)
+    plain = build_connector(ConnectorConfig(name=name), 6, 5, num_prefix_tokens=prefix)
+    plain.load_state_dict(conn.state_dict(), strict=False)
+    feats = torch.randn(2, prefix + grid[0] * grid[1], 6)
+    assert torch.equal(conn(feats, grid), plain(feats, grid))  # zero-initialised: a no-op at start
+    with torch.no_grad():
+        conn.grid_embedding.rows.normal_()
+        conn.grid_embedding.cols.normal_()
+    delta = conn(feats, grid) - plain(feats, grid)
+    assert torch.equal(delta[:, :prefix], torch.zeros_like(delta[:, :prefix]))  # CLS-like tokens untouched
+    rows, cols = rows_cols
+    for token in range(rows * cols):
+        r, c = divmod(token, cols)
+        expected = conn.grid_embedding.rows[r] + conn.grid_embedding.cols[c]
+        assert torch.allclose(delta[0, prefix + token], expected, atol=1e-6)
+
+
+def test_grid_embedding_refuses_a_grid_larger_than_its_table():
+    conn = build_connector(ConnectorConfig(name="linear", grid_embedding=True), 4, 4)
+    with pytest.raises(ValueError, match="exceeds the 64 per side"):
+        conn(torch.randn(1, 65 * 2, 4), (65, 2))

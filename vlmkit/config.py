@@ -182,6 +182,7 @@ class ConnectorConfig:
 
     name: str = "mlp2x_gelu"
     downsample: int = 2  # pixel_shuffle: merge downsample x downsample patches into one token
+    grid_embedding: bool = False  # add learned row/column embeddings to the image tokens
 
 
 @dataclass

@@ -13,12 +13,49 @@ from vlmkit.config import ConfigError, ConnectorConfig
 
 
 class Connector(nn.Module):
+    """Subclasses implement `project`; `forward` adds the optional grid embedding."""
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens  # CLS-like tokens before the patch grid
+        self.grid_embedding = GridEmbedding(lm_dim) if cfg.grid_embedding else None
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         return self.num_prefix_tokens + grid[0] * grid[1]
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Rows x columns of the image tokens emitted for a patch grid (prefix tokens aside)."""
+        return grid
+
+    def project(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        tokens = self.project(features, grid)
+        if self.grid_embedding is None:
+            return tokens
+        rows, cols = self.token_grid(grid)
+        prefix, cells = tokens[:, : self.num_prefix_tokens], tokens[:, self.num_prefix_tokens :]
+        return torch.cat([prefix, cells + self.grid_embedding(rows, cols).to(cells.dtype)], dim=1)
+
+
+class GridEmbedding(nn.Module):
+    """Learned row + column embeddings added to the image tokens, in the LM's space.
+
+    The LM sees the image tokens in raster order under 1-D positions, where a token's column is its
+    index modulo the row length: hard to read for "left of" or "where is". A row and a column vector
+    per token states it directly (factorised, so any grid up to `max_size` per side works).
+    """
+
+    def __init__(self, dim: int, max_size: int = 64):
+        super().__init__()
+        self.rows = nn.Parameter(torch.zeros(max_size, dim))
+        self.cols = nn.Parameter(torch.zeros(max_size, dim))
+
+    def forward(self, rows: int, cols: int) -> torch.Tensor:
+        if rows > len(self.rows) or cols > len(self.cols):
+            raise ValueError(f"grid embedding: {rows}x{cols} tokens exceeds the {len(self.rows)} per side it has")
+        return (self.rows[:rows, None] + self.cols[None, :cols]).reshape(rows * cols, -1)
 
 
 class Linear(Connector):
@@ -28,7 +65,7 @@ class Linear(Connector):
         super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
         self.proj = nn.Linear(vision_dim, lm_dim)
 
-    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def project(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.proj(features)
 
 
@@ -43,7 +80,7 @@ class MLP2xGELU(Connector):
         super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
         self.mlp = mlp2x_gelu(vision_dim, lm_dim)
 
-    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def project(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.mlp(features)
 
 
@@ -63,14 +100,18 @@ class PixelShuffle(Connector):
         self.mlp = mlp2x_gelu(vision_dim * self.r**2, lm_dim)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
+        rows, cols = self.token_grid(grid)
+        return rows * cols
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         self._check(grid)
-        return (grid[0] // self.r) * (grid[1] // self.r)
+        return grid[0] // self.r, grid[1] // self.r
 
     def _check(self, grid: tuple[int, int]) -> None:
         if grid[0] % self.r or grid[1] % self.r:
             raise ValueError(f"pixel_shuffle: patch grid {grid[0]}x{grid[1]} is not divisible by downsample {self.r}")
 
-    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def project(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         self._check(grid)
         n, _, d = features.shape
         (h, w), r = grid, self.r
