@@ -178,11 +178,16 @@ class LanguageConfig:
 
 @dataclass
 class ConnectorConfig:
-    """Which connector maps vision patches into the LM's embedding space (see models/connectors.py)."""
+    """Which connector maps vision patches into the LM's embedding space (see models/connectors/)."""
 
     name: str = "mlp2x_gelu"
     downsample: int = 2  # pixel_shuffle: merge downsample x downsample patches into one token
     grid_embedding: bool = False  # add learned row/column embeddings to the image tokens
+    # Resampling connectors (a fixed number of tokens per image, whatever the grid):
+    num_queries: int = 64  # K learned queries / latents, or a sqrt(K) x sqrt(K) pooled grid
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_size: int | None = None  # width inside the connector (None: the connector's own default)
 
 
 @dataclass
