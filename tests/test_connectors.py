@@ -48,12 +48,13 @@ def test_pixel_shuffle_errors():
 def test_unknown_connector_lists_choices():
     with pytest.raises(ConfigError, match="choose one of"):
         build_connector(ConnectorConfig(name="qformerx"), 4, 4)
-    assert {"linear", "mlp2x_gelu", "pixel_shuffle"} <= set(CONNECTORS)
+    assert {"linear", "mlp2x_gelu", "pixel_shuffle", "perceiver", "c_abstractor"} <= set(CONNECTORS)
 
 
 @pytest.mark.parametrize("name,prefix,grid,rows_cols", [
     ("linear", 1, (3, 4), (3, 4)),
     ("pixel_shuffle", 0, (4, 6), (2, 3)),
+    ("c_abstractor", 0, (5, 7), (8, 8)),  # pools any grid to sqrt(num_queries) per side
 ])
 def test_grid_embedding_adds_its_row_and_column_to_each_image_token(name, prefix, grid, rows_cols):
     conn = build_connector(ConnectorConfig(name=name, grid_embedding=True), 6, 5, num_prefix_tokens=prefix)

@@ -5,15 +5,19 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from vlmkit.config import ConfigError  # noqa: E402
 from vlmkit.hf.hub import (  # noqa: E402
     WeightMappingError,
     lm_config_from_hf,
     lm_state_dict_from_hf,
     load_into,
+    perceiver_config_from_idefics2,
+    perceiver_state_dict_from_idefics2,
     rename_keys,
     vision_config_from_hf,
     vision_state_dict_from_hf,
 )
+from vlmkit.models.connectors import build_connector  # noqa: E402
 from vlmkit.models.language import LanguageModel  # noqa: E402
 from vlmkit.models.vision import ViT  # noqa: E402
 
@@ -96,3 +100,50 @@ def test_unsupported_and_mismatched_checkpoints_are_explained():
     del sd["layers.0.mlp.up_proj.weight"]
     with pytest.raises(WeightMappingError, match="missing weights layers.0.mlp.up_proj.weight"):
         load_into(ours, sd)
+
+
+def _idefics2_config(attn_implementation: str = "sdpa"):
+    # Attention width 4 x 6 = 24 differs from the LM width 32, and 2 k/v heads serve 4 query heads.
+    cfg = transformers.Idefics2Config(
+        vision_config={"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2},
+        text_config={"model_type": "mistral", "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 1,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "rms_norm_eps": 1e-5},
+        perceiver_config={"hidden_size": 32, "resampler_n_latents": 5, "resampler_depth": 2, "resampler_n_heads": 4,
+                          "resampler_head_dim": 6, "num_key_value_heads": 2, "rms_norm_eps": 1e-5})
+    cfg.perceiver_config._attn_implementation = attn_implementation
+    return cfg
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_perceiver_matches_idefics2_connector(attn_implementation):
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    torch.manual_seed(0)
+    hf_cfg = _idefics2_config(attn_implementation)
+    ref = Idefics2Connector(hf_cfg).eval()
+    with torch.no_grad():  # random norms and latents (Idefics2 starts them all at one)
+        for name, p in ref.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.3)
+    cfg = perceiver_config_from_idefics2(hf_cfg.to_dict())
+    assert (cfg.num_queries, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size, cfg.projection_size,
+            cfg.rms_norm_eps) == (5, 2, 4, 2, 24, 40, 1e-5)
+    ours = build_connector(cfg, vision_dim=24, lm_dim=32).eval()
+    # A whole Idefics2 checkpoint nests the connector under `model.connector.`; the rest is left out.
+    checkpoint = {f"model.connector.{k}": v for k, v in ref.state_dict().items()}
+    checkpoint["model.text_model.norm.weight"] = torch.ones(32)
+    load_into(ours, perceiver_state_dict_from_idefics2(checkpoint))
+    features = torch.randn(3, 17, 24)  # a 4x4 patch grid and a CLS-like token: all of it is context
+    with torch.no_grad():
+        expected = ref(features, attention_mask=torch.ones(3, 17, dtype=torch.long))
+        got = ours(features, (4, 4))
+    assert got.shape == (3, 5, 32)
+    assert (expected - got).abs().max().item() <= TOL
+
+
+def test_idefics2_configs_our_perceiver_cannot_take_are_explained():
+    with pytest.raises(ConfigError, match="expected an Idefics2 config .* got 'llava'"):
+        perceiver_config_from_idefics2({"model_type": "llava"})
+    data = _idefics2_config().to_dict()
+    data["perceiver_config"]["hidden_act"] = "gelu"
+    with pytest.raises(ConfigError, match="perceiver_config.hidden_act 'gelu' is not supported"):
+        perceiver_config_from_idefics2(data)

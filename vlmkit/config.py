@@ -188,6 +188,10 @@ class ConnectorConfig:
     num_layers: int = 2
     num_heads: int = 4
     hidden_size: int | None = None  # width inside the connector (None: the connector's own default)
+    # perceiver only (Idefics2's resampler has these knobs; its checkpoints need them to load):
+    num_kv_heads: int | None = None  # grouped key/value heads (None: num_heads)
+    projection_size: int | None = None  # inner width of the gated projection into the LM (None: 4 x LM width)
+    rms_norm_eps: float = 1e-6
 
 
 @dataclass

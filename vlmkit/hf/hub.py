@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlmkit.config import ConfigError, LanguageConfig, VisionConfig
+from vlmkit.config import ConfigError, ConnectorConfig, LanguageConfig, VisionConfig
 
 LM_TYPES = ("llama", "qwen2")
 
@@ -66,6 +66,17 @@ DINOV2_RULES: Rules = [
     # transformers >= 5 names these modules so in memory (checkpoints on disk keep the names above).
     ("encoder.layer.{i}.attention.{q|k|v}_proj.", "blocks.{i}.attn.{q|k|v}_proj."),
     ("encoder.layer.{i}.attention.o_proj.", "blocks.{i}.attn.out_proj."),
+]
+
+# Idefics2's connector: a SwiGLU "modality projection", then the Perceiver Resampler (our `perceiver`).
+IDEFICS2_CONNECTOR_RULES: Rules = [
+    ("modality_projection.{gate|up|down}_proj.", "projection.{gate|up|down}_proj."),
+    ("perceiver_resampler.latents", "latents"),
+    ("perceiver_resampler.layers.{i}.input_{latents|context}_norm.", "layers.{i}.{latents|context}_norm."),
+    ("perceiver_resampler.layers.{i}.self_attn.{q|k|v|o}_proj.", "layers.{i}.attn.{q|k|v|o}_proj."),
+    ("perceiver_resampler.layers.{i}.post_attention_layernorm.", "layers.{i}.post_attention_norm."),
+    ("perceiver_resampler.layers.{i}.mlp.{gate|up|down}_proj.", "layers.{i}.mlp.{gate|up|down}_proj."),
+    ("perceiver_resampler.norm.", "norm."),
 ]
 
 # Buffers some HF versions store that carry no learned information.
@@ -271,6 +282,35 @@ def vision_config_from_hf(cfg: dict[str, Any], source: str = "config.json") -> V
                         image_std=IMAGENET_STD)
 
 
+def perceiver_config_from_idefics2(cfg: dict[str, Any], source: str = "config.json") -> ConnectorConfig:
+    """Our `perceiver` connector settings for an Idefics2 config (its `perceiver_config` + `text_config`).
+
+    Defaults are Idefics2's own, for keys a saved config leaves out. The vision width needs no setting:
+    the connector takes it from the tower.
+    """
+    if cfg.get("model_type") != "idefics2":
+        raise ConfigError(f"{source}: expected an Idefics2 config (model_type 'idefics2'), "
+                          f"got {cfg.get('model_type')!r}")
+    perceiver, text = cfg.get("perceiver_config") or {}, _require(cfg, "text_config", source)
+    for where, act in (("perceiver_config", perceiver.get("hidden_act", "silu")),
+                       ("text_config", text.get("hidden_act", "silu"))):
+        if act != "silu":
+            raise ConfigError(f"{source}: {where}.hidden_act {act!r} is not supported (only silu)")
+    heads = perceiver.get("resampler_n_heads", 16)
+    # Idefics2 runs the resampler at the LM's width, and then takes the LM's epsilon if the widths differed.
+    same_width = perceiver.get("hidden_size", 4096) == _require(text, "hidden_size", f"{source}: text_config")
+    return ConnectorConfig(
+        name="perceiver",
+        num_queries=perceiver.get("resampler_n_latents", 64),
+        num_layers=perceiver.get("resampler_depth", 3),
+        num_heads=heads,
+        num_kv_heads=perceiver.get("num_key_value_heads", 4),
+        hidden_size=heads * perceiver.get("resampler_head_dim", 96),
+        projection_size=_require(text, "intermediate_size", f"{source}: text_config"),
+        rms_norm_eps=perceiver.get("rms_norm_eps", 1e-6) if same_width else text.get("rms_norm_eps", 1e-6),
+    )
+
+
 # -- weights -----------------------------------------------------------------------------------
 
 
@@ -290,3 +330,13 @@ def vision_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint",
         if key in renamed and renamed[key].shape[:dims] == (1,) * dims:
             renamed[key] = renamed[key].reshape(renamed[key].shape[dims:])
     return renamed
+
+
+def perceiver_state_dict_from_idefics2(state_dict: StateDict, source: str = "checkpoint") -> StateDict:
+    """Our `perceiver` connector's weights from Idefics2's connector (or a whole Idefics2 checkpoint,
+    which nests it under `model.connector.`; the rest of such a checkpoint is left out)."""
+    for prefix in ("model.connector.", "connector."):
+        if any(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            break
+    return rename_keys(state_dict, IDEFICS2_CONNECTOR_RULES, source)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from vlmkit.config import ConfigError, ConnectorConfig
 from vlmkit.models.connectors.base import Connector, GridEmbedding
+from vlmkit.models.connectors.c_abstractor import CAbstractor
+from vlmkit.models.connectors.perceiver import Perceiver
 from vlmkit.models.connectors.projectors import Linear, MLP2xGELU, PixelShuffle
 
 __all__ = ["CONNECTORS", "Connector", "GridEmbedding", "build_connector"]
@@ -15,6 +17,8 @@ CONNECTORS: dict[str, type[Connector]] = {
     "linear": Linear,
     "mlp2x_gelu": MLP2xGELU,
     "pixel_shuffle": PixelShuffle,
+    "perceiver": Perceiver,
+    "c_abstractor": CAbstractor,
 }
 
 

@@ -10,19 +10,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmkit.config import ConnectorConfig
+from vlmkit.config import ConfigError, ConnectorConfig
 
 
 class Connector(nn.Module):
-    """Subclasses implement `project`; `forward` adds the optional grid embedding."""
+    """Subclasses implement `project`; `forward` adds the optional grid embedding.
+
+    Two class attributes say what a connector can take, so a config it cannot honour fails when the
+    model is built, with the setting to change, rather than deep inside a forward pass.
+    """
+
+    grid_only = False  # works on the patch grid alone: CLS-like prefix tokens are refused
+    has_token_grid = True  # its tokens keep a rows x columns layout, so the grid embedding applies
 
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int):
         super().__init__()
+        if num_prefix_tokens and self.grid_only:
+            raise ConfigError(f"connector {cfg.name} works on the patch grid only: set vision.keep_cls: false")
+        if cfg.grid_embedding and not self.has_token_grid:
+            raise ConfigError(f"connector.grid_embedding: the {cfg.name} connector's tokens have no grid layout "
+                              "to embed; set grid_embedding: false")
         self.num_prefix_tokens = num_prefix_tokens  # CLS-like tokens before the patch grid
         self.grid_embedding = GridEmbedding(lm_dim) if cfg.grid_embedding else None
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        return self.num_prefix_tokens + grid[0] * grid[1]
+        rows, cols = self.token_grid(grid)
+        return self.num_prefix_tokens + rows * cols
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """Rows x columns of the image tokens emitted for a patch grid (prefix tokens aside)."""

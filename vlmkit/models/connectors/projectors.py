@@ -37,18 +37,14 @@ class PixelShuffle(Connector):
     r² fewer image tokens for the LM (Idefics3 / SmolVLM style), at no loss of information.
     """
 
+    grid_only = True
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0):
         super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
-        if num_prefix_tokens:
-            raise ConfigError("connector pixel_shuffle works on the patch grid only: set vision.keep_cls: false")
         if cfg.downsample < 1:
             raise ConfigError(f"connector.downsample must be >= 1, got {cfg.downsample}")
         self.r = cfg.downsample
         self.mlp = mlp2x_gelu(vision_dim * self.r**2, lm_dim)
-
-    def num_tokens(self, grid: tuple[int, int]) -> int:
-        rows, cols = self.token_grid(grid)
-        return rows * cols
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         self._check(grid)
