@@ -85,6 +85,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     train_vision: bool = False  # instruct stage: also fine-tune the vision tower (at module_lr.vision)
+    # instruct stage: train the LM too; false keeps it frozen, so only the connector and the fusion's
+    # blocks train (Flamingo: a frozen LM with trained cross-attention, model.fusion: cross_attention)
+    train_lm: bool = True
 
 
 @dataclass
