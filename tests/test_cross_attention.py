@@ -238,6 +238,8 @@ def test_flamingo_recipe_trains_only_the_connector_and_the_blocks(make_config, t
         stage_class(stage)(cfg, tokenizer).set_trainable(model)
         trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
         assert trainable == {"connector", "fusion"}
+    with pytest.raises(ConfigError, match="data.text_only: text-only conversations train nothing while the LM"):
+        stage_config(recipe, "instruct", ["data.text_only=text_only.json"])
 
 
 def test_the_attention_diagnostic_is_not_available_without_image_tokens_in_the_sequence(make_config, tokenizer):

@@ -118,6 +118,9 @@ class RunConfig:
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
             raise ConfigError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
         self.optim.betas = tuple(self.optim.betas)
+        if not self.optim.train_lm and self.data.text_only:
+            raise ConfigError("data.text_only: text-only conversations train nothing while the LM is frozen "
+                              "(optim.train_lm: false); remove data.text_only or train the LM")
 
     def model_config(self, vocab_size: int, image_token_id: int) -> ModelConfig:
         from vlmkit.hf.pretrained import model_config_from_parts
