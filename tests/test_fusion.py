@@ -25,6 +25,7 @@ class Call(NamedTuple):
     layer: int
     length: int  # positions in this forward: the prompt at the prefill, 1 per cached decode step
     context: object
+    start: int  # sequence index of the first of those positions
 
 
 class GatedCrossAttention(nn.Module):
@@ -36,8 +37,8 @@ class GatedCrossAttention(nn.Module):
         self.query = nn.Linear(dim, dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(()))  # zero-init: the LM starts unchanged
 
-    def forward(self, hidden: torch.Tensor, context) -> torch.Tensor:
-        self.calls.append(Call(self.layer_index, hidden.shape[1], context))
+    def forward(self, hidden: torch.Tensor, context, start: int) -> torch.Tensor:
+        self.calls.append(Call(self.layer_index, hidden.shape[1], context, start))
         tokens, has_token = context
         scores = self.query(hidden) @ tokens.transpose(1, 2) / hidden.shape[-1] ** 0.5
         weights = scores.masked_fill(~has_token[:, None], float("-inf")).softmax(-1).nan_to_num()
@@ -113,7 +114,8 @@ def test_models_saved_without_the_field_load_as_splice(tiny_model, tokenizer, tm
 
 
 def test_unknown_fusion_is_a_config_error_naming_the_known_ones(make_config, tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"fusion: unknown fusion 'xattn'; choose one of \['splice'\]"):
+    with pytest.raises(ConfigError, match=r"fusion: unknown fusion 'xattn'; choose one of \['cross_attention', "
+                                          r"'splice'\]"):
         VisionLanguageModel(make_config(fusion="xattn"))
     tiny_model.save_pretrained(tmp_path / "m")
     path = tmp_path / "m" / "config.json"
@@ -131,15 +133,16 @@ def test_context_reaches_every_layer_at_prefill_and_at_each_cached_step(xattn_mo
     calls, num_layers = xattn_model.fusion.calls, xattn_model.config.lm.num_layers
     cached = xattn_model.generate(ids, mask, pixels, max_new_tokens=6)
     prefill, *steps = forwards(calls, num_layers)
-    assert prefill[0].length == ids.shape[1]
+    assert prefill[0].length == ids.shape[1] and prefill[0].start == 0
     assert len(steps) >= 5 and all(step[0].length == 1 for step in steps)
+    assert [step[0].start for step in steps] == list(range(ids.shape[1], ids.shape[1] + len(steps)))
     context = prefill[0].context
     assert all(call.context is context for call in calls)  # computed once, carried by the cache
     assert context[0].shape == (3, xattn_model.tokens_per_image, xattn_model.config.lm.hidden_size)
 
     calls.clear()
     uncached = xattn_model.generate(ids, mask, pixels, max_new_tokens=6, use_cache=False)
-    assert all(group[0].length > ids.shape[1] for group in forwards(calls, num_layers)[1:])
+    assert all(group[0].length > ids.shape[1] and group[0].start == 0 for group in forwards(calls, num_layers)[1:])
     assert cached == uncached
 
 

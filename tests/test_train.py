@@ -64,17 +64,23 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("stage,train_vision", [("clip", False), ("align", False), ("instruct", False),
-                                                ("instruct", True)])
-def test_stage_freezing(stage, train_vision, data_dir, tmp_path):
-    cfg = config_for(stage, data_dir, tmp_path / stage, f"optim.train_vision={str(train_vision).lower()}")
+XATTN = "model.fusion=cross_attention"
+
+
+@pytest.mark.parametrize("stage,overrides,expected_trainable", [
+    ("clip", [], {"vision", "text", "image_proj", "text_proj", "logit_scale"}),
+    ("align", [], {"connector"}),
+    ("align", [XATTN], {"connector", "fusion"}),
+    ("instruct", [], {"connector", "lm"}),
+    ("instruct", ["optim.train_vision=true"], {"connector", "lm", "vision"}),
+    ("instruct", [XATTN, "optim.train_lm=false"], {"connector", "fusion"}),  # Flamingo: the LM stays frozen
+])
+def test_stage_freezing(stage, overrides, expected_trainable, data_dir, tmp_path):
+    cfg = config_for(stage, data_dir, tmp_path / stage, *overrides)
     trainer = Trainer(cfg)
     before = snapshot(trainer.model)
     trainer.fit(stop_after=2)
     after = snapshot(trainer.model)
-    expected_trainable = {"clip": {"vision", "text", "image_proj", "text_proj", "logit_scale"},
-                          "align": {"connector"},
-                          "instruct": {"connector", "lm"} | ({"vision"} if train_vision else set())}[stage]
     params = dict(trainer.model.named_parameters())
     for name, p in params.items():
         module = name.split(".")[0]
@@ -307,7 +313,7 @@ def test_recipe_errors_name_the_problem(tmp_path):
 def test_recipes_resolve_by_name_and_paths_win(tmp_path, monkeypatch):
     from vlmkit.train.recipe import built_in_recipes, resolve_recipe
 
-    assert {"demo", "smol-dino"} <= set(built_in_recipes())
+    assert {"demo", "flamingo", "smol-dino"} <= set(built_in_recipes())
     assert resolve_recipe("demo").name == "demo.yaml" and resolve_recipe("demo.yaml") == resolve_recipe("demo")
     cfg = load_run_config("demo", stage="dense")
     assert cfg.stage == "dense" and cfg.model["vision"]["stem"] == "conv"

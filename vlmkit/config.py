@@ -200,8 +200,24 @@ class ModelConfig:
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     image_token_id: int = 0  # id of the image placeholder token in the tokenizer
-    # How image tokens reach the LM (see models/fusion.py): "splice" writes them over the placeholders.
+    # How image tokens reach the LM (see models/fusion.py): "splice" writes them over the placeholders
+    # (one placeholder per image token); "cross_attention" (Flamingo) keeps one placeholder per image
+    # and lets gated cross-attention blocks, placed before LM blocks, read the image tokens.
     fusion: str = "splice"
+    # cross_attention: a block before every N-th LM block (1: every block; 4: before blocks 4, 8, ...).
+    cross_attention_every: int = 1
+    # cross_attention: which images a text token sees: "latest" (the last image at or before it, as
+    # Flamingo) or "all_previous" (every image at or before it). Tokens before any image see none.
+    cross_attention_media: str = "latest"
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "cross_attention_media", self.cross_attention_media, ("latest", "all_previous"))
+        every = self.cross_attention_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"model.cross_attention_every: expected an integer >= 1, got {every!r}")
+        if self.fusion == "cross_attention" and self.cross_attention_every > self.lm.num_layers:
+            raise ConfigError(f"model.cross_attention_every {self.cross_attention_every} is more than the LM's "
+                              f"{self.lm.num_layers} layers: no cross-attention block would be placed")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:

@@ -19,8 +19,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"vision tower      {cfg.vision.num_layers} layers x {cfg.vision.hidden_size}, "
           f"{cfg.vision.image_size}px / patch {cfg.vision.patch_size}, select_layer {cfg.vision.select_layer}: "
           f"{count(model.vision) / 1e6:.2f}M params")
+    size = cfg.vision.image_size
     print(f"connector         {cfg.connector.name}: {count(model.connector) / 1e6:.2f}M params, "
-          f"{model.tokens_per_image} tokens per image")
+          f"{model.connector_token_count(size, size)} tokens per image")
+    print(f"fusion            {cfg.fusion}: {count(model.fusion) / 1e6:.2f}M params, "
+          f"{model.tokens_per_image} placeholder token(s) per <image>")
     print(f"language model    {cfg.lm.num_layers} layers x {cfg.lm.hidden_size}, vocab {cfg.lm.vocab_size}: "
           f"{count(model.lm) / 1e6:.2f}M params")
     return 0

@@ -7,7 +7,8 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a run config or recipe YAML, or a built-in recipe's name (demo, smol-dino)")
+    p.add_argument("--config",
+                   help="a run config or recipe YAML, or a built-in recipe's name (demo, smol-dino, flamingo)")
     p.add_argument("--stage", help="which stage of a multi-stage recipe (see --list-stages)")
     p.add_argument("--list-stages", action="store_true", help="print the registered stages and exit")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest checkpoint")

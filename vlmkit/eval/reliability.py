@@ -290,6 +290,10 @@ def _attention(model: VisionLanguageModel, tokenizer: Tokenizer, records: list[d
     fn, why = optional_function("attention", "attention_diagnostics")
     if fn is None:
         return not_available(why)
+    size = model.config.vision.image_size
+    if model.image_token_count(size, size) != model.connector_token_count(size, size):
+        return not_available(f"fusion {model.config.fusion!r} keeps the image tokens out of the LM's sequence "
+                             "(each image is one marker token), so there is no self-attention on them to measure")
     return fn(model, tokenizer, records, image_root, correct, max_new_tokens=16)
 
 

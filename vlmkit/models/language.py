@@ -58,17 +58,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class LayerContext:
     """What a fusion (see models/fusion.py) hands to the decoder layers for one sequence batch.
 
-    Layer i starts with ``hidden = adapters[i](hidden, value)`` (an entry may be None: that layer is
-    left alone). The adapters are modules owned by the fusion, outside the LM, so the LM's parameters
-    and state-dict keys never depend on the fusion.
+    Layer i starts with ``hidden = adapters[i](hidden, value, start)`` (an entry may be None: that layer
+    is left alone). `start` is the sequence index of `hidden`'s first position: 0 at a prefill or an
+    uncached forward, the cache's length at a KV-cached step, so an adapter whose effect depends on
+    where a token sits (e.g. which image precedes it) knows which positions it is given. The adapters
+    are modules owned by the fusion, outside the LM, so the LM's parameters and state-dict keys never
+    depend on the fusion.
     """
 
-    adapters: Sequence[Callable[[torch.Tensor, Any], torch.Tensor] | None]
+    adapters: Sequence[Callable[[torch.Tensor, Any, int], torch.Tensor] | None]
     value: Any
 
-    def apply(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer_index: int, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
         adapter = self.adapters[layer_index]
-        return hidden if adapter is None else adapter(hidden, self.value)
+        return hidden if adapter is None else adapter(hidden, self.value, start)
 
 
 class KVCache:
@@ -145,7 +148,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None) -> torch.Tensor:
         if context is not None:  # a fusion's adapter for this layer, e.g. cross-attention to the image
-            x = context.apply(self.layer_index, x)
+            x = context.apply(self.layer_index, x, cache.length if cache is not None else 0)
         x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_norm(x))
 

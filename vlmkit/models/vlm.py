@@ -1,5 +1,5 @@
 """VisionLanguageModel: ViT -> connector -> image tokens fused into the LM (by default spliced into its input
-embeddings; see models/fusion.py)."""
+embeddings, or read by gated cross-attention blocks; see models/fusion.py)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ class ImagePlaceholderError(ValueError):
     """The number of `<image>` placeholder tokens does not match the images given."""
 
 
-def _describe(tokens: list[int], uniform: int | None) -> str:
+def _tokens(n: int) -> str:
+    return f"{n} token{'' if n == 1 else 's'}"
+
+
+def _describe(placeholders: list[int], uniform: int | None) -> str:
     """'2 image(s) x 16 tokens = 32' (one count for all) or '2 image(s) of 16 + 36 tokens = 52'."""
     if uniform is not None:
-        return f"{len(tokens)} image(s) x {uniform} tokens = {len(tokens) * uniform}"
-    return f"{len(tokens)} image(s) of {' + '.join(map(str, tokens)) or 0} tokens = {sum(tokens)}"
+        return f"{len(placeholders)} image(s) x {_tokens(uniform)} = {len(placeholders) * uniform}"
+    return f"{len(placeholders)} image(s) of {' + '.join(map(str, placeholders)) or 0} tokens = {sum(placeholders)}"
 
 
 class VisionLanguageModel(Checkpointable, nn.Module):
@@ -50,13 +54,18 @@ class VisionLanguageModel(Checkpointable, nn.Module):
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
 
     def image_token_count(self, height: int, width: int) -> int:
-        """Image tokens the connector emits for a preprocessed `height` x `width` image (what each
-        `<image>` of that image expands to; see `VLMProcessor`)."""
+        """Placeholder tokens each `<image>` of a preprocessed `height` x `width` image expands to (see
+        `VLMProcessor`): as the fusion says, the connector's token count (`splice`) or 1 (`cross_attention`,
+        whose image tokens reach the layers instead)."""
+        return self.fusion.placeholders_per_image(self.connector_token_count(height, width))
+
+    def connector_token_count(self, height: int, width: int) -> int:
+        """Image tokens the connector emits for a preprocessed `height` x `width` image."""
         return self.connector.num_tokens(self.vision.grid_for(height, width))
 
     @property
     def tokens_per_image(self) -> int:
-        """Image tokens of an image at the configured size."""
+        """Placeholder tokens of an image at the configured size (`image_token_count`)."""
         size = self.config.vision.image_size
         return self.image_token_count(size, size)
 
@@ -110,7 +119,8 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         """The LM's input embeddings and layer context: the fusion applied to the token embeddings and images.
 
         Images are consumed in reading order: row by row, left to right; each image fills as many
-        placeholders as it has tokens (images of several sizes: `pixel_values` as a list).
+        placeholders as the fusion says (`splice`: one per image token; images of several sizes:
+        `pixel_values` as a list).
         `image_counts[b]` (images of sample b), when given, is checked against each row's placeholders.
         `image_embeds` (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to
         encode an image shared by several rows only once.
@@ -131,8 +141,9 @@ class VisionLanguageModel(Checkpointable, nn.Module):
                     f"the batch has {sum(rows)} image placeholder tokens but no images were given"
                 )
             return FusionOutput(embeds)
-        uniform = image_embeds.shape[1] if torch.is_tensor(image_embeds) else None
-        tokens = [uniform] * num_images if uniform is not None else [e.shape[0] for e in image_embeds]
+        per_image = self.fusion.placeholders_per_image
+        uniform = per_image(image_embeds.shape[1]) if torch.is_tensor(image_embeds) else None
+        wanted = [uniform] * num_images if uniform is not None else [per_image(e.shape[0]) for e in image_embeds]
         if image_counts is not None:
             counts = torch.as_tensor(image_counts).tolist()
             if sum(counts) != num_images:
@@ -140,15 +151,15 @@ class VisionLanguageModel(Checkpointable, nn.Module):
                                             "were given")
             start = 0
             for b, n in enumerate(counts):
-                mine, start = tokens[start : start + n], start + n
+                mine, start = wanted[start : start + n], start + n
                 if rows[b] != sum(mine):
                     raise ImagePlaceholderError(f"sample {b} has {rows[b]} image placeholder tokens but "
                                                 f"{_describe(mine, uniform)} were expected")
         total = sum(rows)
-        if total != sum(tokens):
-            expected = (f"{num_images} image(s) x {uniform} tokens per image = {num_images * uniform}; each <image> "
-                        f"must expand to exactly {uniform} placeholders" if uniform is not None else
-                        f"{_describe(tokens, None)}; each <image> must expand to its own image's token count")
+        if total != sum(wanted):
+            expected = (f"{num_images} image(s) x {_tokens(uniform)} per image = {num_images * uniform}; each "
+                        f"<image> must expand to exactly {uniform} placeholder(s)" if uniform is not None else
+                        f"{_describe(wanted, None)}; each <image> must expand to its own image's token count")
             raise ImagePlaceholderError(f"the batch has {total} image placeholder tokens but {expected}")
         return self.fusion(embeds, image_embeds, is_image)
 

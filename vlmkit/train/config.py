@@ -85,6 +85,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     train_vision: bool = False  # instruct stage: also fine-tune the vision tower (at module_lr.vision)
+    # instruct stage: train the LM too; false keeps it frozen, so only the connector and the fusion's
+    # blocks train (Flamingo: a frozen LM with trained cross-attention, model.fusion: cross_attention)
+    train_lm: bool = True
 
 
 @dataclass
@@ -115,6 +118,9 @@ class RunConfig:
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
             raise ConfigError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
         self.optim.betas = tuple(self.optim.betas)
+        if not self.optim.train_lm and self.data.text_only:
+            raise ConfigError("data.text_only: text-only conversations train nothing while the LM is frozen "
+                              "(optim.train_lm: false); remove data.text_only or train the LM")
 
     def model_config(self, vocab_size: int, image_token_id: int) -> ModelConfig:
         from vlmkit.hf.pretrained import model_config_from_parts

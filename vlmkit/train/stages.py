@@ -309,7 +309,7 @@ class VLMStage(Stage):
 @register
 class AlignStage(VLMStage):
     name = "align"
-    trains = "the connector only (vision tower and LM frozen)"
+    trains = "the connector and the fusion's blocks, if any (vision tower and LM frozen)"
     reads = "image-caption pairs, as \"Describe the image.\" -> caption"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
@@ -324,14 +324,15 @@ class AlignStage(VLMStage):
 @register
 class InstructStage(VLMStage):
     name = "instruct"
-    trains = "connector + LM (+ the vision tower with optim.train_vision)"
+    trains = ("connector + fusion blocks + LM (the LM stays frozen with optim.train_lm: false; "
+              "+ the vision tower with optim.train_vision)")
     reads = "conversations (LLaVA JSON), optionally text-only ones mixed in"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model.vision, self.cfg.optim.train_vision)
         freeze(model.connector, True)
         freeze(model.fusion, True)
-        freeze(model.lm, True)
+        freeze(model.lm, self.cfg.optim.train_lm)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train, val = super().datasets(model)
