@@ -252,3 +252,38 @@ def test_whole_number_tokens_when_digits_are_not_split():
     split = train_tokenizer(corpus, vocab_size=400)
     assert len(whole.encode("544")) == 1 and whole.decode(whole.encode("<box>544,203</box>")) == "<box>544,203</box>"
     assert len(split.encode("544")) == 3
+
+
+# -- prompts about several images ------------------------------------------------------------------
+
+
+def test_prompt_with_two_images_matches_the_training_layout(tokenizer):
+    chat = ChatFormat(tokenizer, image_tokens=3)
+    question = "Is the red star in both images?"
+    record = {"image": ["a.png", "b.png"],
+              "conversations": [{"from": "human", "value": f"<image>\n<image>\n{question}"}]}
+    prompt = chat.prompt(question, num_images=2)
+    assert prompt.input_ids == chat.encode(record, add_generation_prompt=True).input_ids
+    assert prompt.num_images == 2 and prompt.image_tokens == [3, 3]
+    # One image and none are what they were: the num_images default follows with_image.
+    one = {"conversations": [{"from": "human", "value": f"<image>\n{question}"}]}
+    assert chat.prompt(question).input_ids == chat.encode(one, add_generation_prompt=True).input_ids
+    assert chat.prompt(question, with_image=False).input_ids == chat.prompt(question, num_images=0).input_ids
+    assert tokenizer.image_id not in chat.prompt(question, with_image=False).input_ids
+    # Per-image counts (images of different sizes) in reading order.
+    mixed = chat.prompt(question, image_tokens=[2, 5], num_images=2)
+    ids = mixed.input_ids
+    first = ids.index(tokenizer.image_id)
+    assert ids[first:first + 2] == [tokenizer.image_id] * 2 and ids[first + 2] != tokenizer.image_id
+    assert ids.count(tokenizer.image_id) == 7 and mixed.image_tokens == [2, 5]
+
+
+def test_prompt_places_images_at_typed_tags(tokenizer):
+    chat = ChatFormat(tokenizer, image_tokens=2)
+    typed = chat.prompt("compare <image> with <image>", num_images=2)
+    expected = chat.encode([{"role": "user", "content": "compare <image> with <image>"}], add_generation_prompt=True)
+    assert typed.input_ids == expected.input_ids and typed.num_images == 2
+    with pytest.raises(ConversationError, match=r"the question has 1 <image> tag\(s\) but 2 image\(s\) were given"):
+        chat.prompt("compare <image> with the other", num_images=2)
+    with pytest.raises(ValueError, match=r"3 image token count\(s\) for 2 image\(s\)"):
+        chat.prompt("same?", image_tokens=[1, 2, 3], num_images=2)

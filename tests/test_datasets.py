@@ -483,3 +483,91 @@ def test_collate_pads_and_keeps_image_order(tmp_path, chat, processor, tokenizer
 def test_load_report_defaults():
     report = LoadReport("x.jsonl", total=3, kept=3)
     assert report.summary() == "loaded 3 of 3 records from x.jsonl; nothing skipped"
+
+
+# -- several images per record ----------------------------------------------------------------
+
+
+def _two_image_dialogue(images=("r.png", "g.png"), first="<image>\nwhat color is this?", later="and <image>?") -> dict:
+    return {"image": list(images), "conversations": [
+        {"from": "human", "value": first}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": later}, {"from": "gpt", "value": "green"}]}
+
+
+def test_image_lists_fill_placeholders_in_reading_order_across_turns(tmp_path, chat, processor, tokenizer):
+    write_png(tmp_path / "r.png", RED, size=(40, 24))  # files of different sizes: each is resized
+    write_png(tmp_path / "g.png", GREEN, size=(9, 30))
+    ds = dataset(tmp_path, chat, processor, [_two_image_dialogue()])
+    sample = ds[0]
+    assert sample["num_images"] == 2 and sample["pixel_values"].shape == (2, 3, SIZE, SIZE)
+    for got, color in zip(sample["pixel_values"], (RED, GREEN)):  # the list's order, not the file sizes'
+        torch.testing.assert_close(got, processor(Image.new("RGB", (1, 1), color)))
+    ids = sample["input_ids"].tolist()
+    assert ids == chat.encode(_two_image_dialogue()).input_ids
+    assert ids.count(tokenizer.image_id) == 8
+    # The second image's placeholders sit in the second human turn, after the first answer.
+    first_answer = ids.index(tokenizer.encode("red")[0])
+    image_positions = [j for j, token in enumerate(ids) if token == tokenizer.image_id]
+    assert image_positions[3] < first_answer < image_positions[4]
+    assert all(sample["labels"][j] == IGNORE_INDEX for j in image_positions)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_image_list_count_mismatch_names_file_record_and_counts(tmp_path, chat, processor, caplog, suffix):
+    write_png(tmp_path / "r.png", RED)
+    write_png(tmp_path / "g.png", GREEN)
+    lines = [record("r.png"), _two_image_dialogue(),
+             _two_image_dialogue(later="and this?"),  # 1 placeholder, 2 images
+             _two_image_dialogue(images=["r.png"])]  # 2 placeholders, 1 image
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(lines, indent=1))
+    else:
+        write_jsonl(path, lines)
+    with caplog.at_level(logging.WARNING, logger="vlmkit.data"):
+        ds = ConversationDataset(path, tmp_path, chat, processor, max_length=128)
+    assert len(ds) == 2 and ds.report.skipped == {"image_count_mismatch": 2}
+    starts = [int(s.rsplit(":", 1)[1]) for s in ds.sources]
+    first, second = ds.report.warnings
+    assert first.startswith(f"{path}:") and int(first.split(":")[1]) > starts[1]
+    assert ("image_count_mismatch: record 2 (counting from 0) has 1 <image> placeholder(s) in its text but "
+            "2 image(s) in its 'image' field") in first
+    assert "record 3 (counting from 0) has 2 <image> placeholder(s) in its text but 1 image(s)" in second
+    assert "record 2 (counting from 0)" in caplog.text
+    with pytest.raises(DataError, match=rf"data\{suffix}:\d+: image_count_mismatch: record 2 \(counting from 0\) "
+                                        r"has 1 <image> placeholder\(s\) in its text but 2 image\(s\)"):
+        ConversationDataset(path, tmp_path, chat, processor, max_length=128, strict=True)
+
+
+def test_image_in_an_assistant_turn_of_a_list_record_is_skipped(tmp_path, chat, processor):
+    write_png(tmp_path / "r.png", RED)
+    write_png(tmp_path / "g.png", GREEN)
+    bad = _two_image_dialogue()
+    bad["conversations"][3]["value"] = "<image>"
+    ds = dataset(tmp_path, chat, processor, [record("r.png"), bad], max_length=128)
+    assert ds.report.skipped == {"bad_conversation": 1}
+    assert "an assistant message cannot contain an image" in ds.report.warnings[0]
+
+
+def test_collate_mixes_one_and_two_image_samples(tmp_path, chat, processor, tokenizer):
+    for name, color in (("r", RED), ("g", GREEN), ("b", BLUE)):
+        write_png(tmp_path / f"{name}.png", color)
+    lines = [record(["g.png", "b.png"], question="<image> and <image>: same color?", answer="no"),
+             record("r.png"),
+             record(None, question="how many objects are there?", answer="three"),
+             record(["b.png", "r.png"], question="<image>\n<image>\nsame?", answer="no")]
+    ds = dataset(tmp_path, chat, processor, lines)
+    batch = collate([ds[i] for i in range(4)], tokenizer.pad_id)
+    assert batch["image_counts"].tolist() == [2, 1, 0, 2]
+    assert batch["image_counts"].sum() == batch["pixel_values"].shape[0] == 5
+    per_row = (batch["input_ids"] == tokenizer.image_id).sum(1).tolist()
+    assert per_row == [4 * n for n in batch["image_counts"].tolist()]
+    for got, color in zip(batch["pixel_values"], (GREEN, BLUE, RED, BLUE, RED)):  # reading order, row by row
+        torch.testing.assert_close(got, processor(Image.new("RGB", (1, 1), color)))
+    # Frozen-tower features follow the same contract: rows of distinct images, flattened in reading order.
+    ds.use_features(torch.arange(3.0)[:, None, None].expand(3, 2, 5).clone())
+    featured = collate([ds[i] for i in range(4)], tokenizer.pad_id)
+    assert "pixel_values" not in featured and featured["image_counts"].tolist() == [2, 1, 0, 2]
+    distinct = {path.name: k for k, path in enumerate(ds._store.paths)}
+    order = [distinct[name] for name in ("g.png", "b.png", "r.png", "b.png", "r.png")]
+    assert featured["image_features"][:, 0, 0].tolist() == [float(k) for k in order]

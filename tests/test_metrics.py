@@ -331,3 +331,21 @@ def test_markdown_table_type_only_in_compositional():
     assert "| VQA accuracy: color | 1.000 | – |" in lines
     assert "| VQA accuracy: spatial | – | 1.000 |" in lines
     assert "| POPE F1 | – | – |" in lines
+
+
+def test_score_and_table_of_two_image_questions():
+    records = [
+        {"answer": "first", "type": "multi_count"}, {"answer": "second", "type": "multi_count"},
+        {"answer": "yes", "type": "multi_both"}, {"answer": "no", "type": "multi_both", "negative": "one_image"},
+        {"answer": "red star", "type": "multi_added"},
+    ]
+    r = score(records, ["The first.", "first", "yes", "Yes", "a red star"])
+    assert list(r["vqa_accuracy_by_type"]) == ["multi_count", "multi_both", "multi_added"]
+    assert r["vqa_accuracy_by_type"] == {"multi_count": 0.5, "multi_both": 0.5, "multi_added": 1.0}
+    assert r["vqa_accuracy"] == pytest.approx(3 / 5) and "pope" not in r  # yes/no about two images is not POPE
+    test = score([{"answer": "red", "type": "color"}], ["red"])
+    lines = markdown_table(test, {"multi_test": r}, name="val").splitlines()
+    assert lines[0] == "| metric | val | multi_test |"
+    assert lines[2:6] == ["| VQA accuracy | 1.000 | 0.600 |", "| VQA accuracy: color | 1.000 | – |",
+                          "| VQA accuracy: multi_count | – | 0.500 |", "| VQA accuracy: multi_both | – | 0.500 |"]
+    assert "| VQA accuracy: multi_added | – | 1.000 |" in lines

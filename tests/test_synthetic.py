@@ -484,6 +484,9 @@ def test_questions_without_spec_and_focus() -> None:
         ({"n": 10, "holdout_pairs": [("red", "blob")]}, "holdout_pairs"),
         ({"n": 10, "holdout_pairs": [("red", s) for s in SHAPES]}, "every colour and shape"),
         ({"n": 10, "spec": SceneSpec(), "image_size": 64}, "inside spec"),
+        ({"n": 10, "multi_image": -1}, "multi_image must be an int >= 0"),
+        ({"n": 10, "multi_image": 4, "spec": SceneSpec(min_objects=3, max_objects=3)},
+         "different numbers of objects"),
     ],
 )
 def test_write_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -601,3 +604,96 @@ def test_question_records_ask_one_question_each(tmp_path: Path) -> None:
     assert min(per_image.values()) >= 4 and meta["counts"]["train"]["records"] == len(records)
     kinds = Counter(rec["id"].split("_", 1)[1].rstrip("0123456789") for rec in records)
     assert kinds["cap"] == kinds["list"] == kinds["where"] == len(per_image) and kinds["q"] > 5 * len(per_image)
+
+
+# ------------------------------------------------------------------ two-image task
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("multi")
+    summary = write_dataset(out, seed=5, n=20, multi_image=40)
+    return {"out": out, "summary": summary, "pairs": _jsonl(out / "multi_scenes.jsonl")}
+
+
+def test_multi_image_option_only_adds_files(tmp_path: Path, multi: dict) -> None:
+    plain = tmp_path / "plain"
+    write_dataset(plain, seed=5, n=20)
+    assert not list(plain.glob("multi_*")) and not list(plain.glob("images/multi_*"))
+    added = {p.relative_to(multi["out"]) for p in multi["out"].rglob("*") if p.is_file()}
+    base = {p.relative_to(plain) for p in plain.rglob("*") if p.is_file()}
+    assert base < added
+    assert all(p.name.startswith("multi_") for p in added - base)
+    for rel in base - {Path("meta.json")}:
+        assert (plain / rel).read_bytes() == (multi["out"] / rel).read_bytes(), rel
+    meta, plain_meta = (json.loads((d / "meta.json").read_text()) for d in (multi["out"], plain))
+    extra = {"multi_image", "multi_question_types", "multi_counts"}
+    assert set(meta) - set(plain_meta) == extra
+    assert {k: v for k, v in meta.items() if k not in extra and k != "files"} == {
+        k: v for k, v in plain_meta.items() if k != "files"}
+
+
+def test_multi_image_task_is_deterministic(tmp_path: Path, multi: dict) -> None:
+    again, other = tmp_path / "again", tmp_path / "other"
+    write_dataset(again, seed=5, n=20, multi_image=40)
+    write_dataset(other, seed=6, n=20, multi_image=40)
+    names = sorted(p.relative_to(again) for p in again.rglob("multi_*") if p.is_file())
+    assert len(names) == 7 + 80  # 3 record files, 3 question files, the scenes, two images per pair
+    for rel in names:
+        assert (again / rel).read_bytes() == (multi["out"] / rel).read_bytes(), rel
+    assert (other / "multi_scenes.jsonl").read_bytes() != (again / "multi_scenes.jsonl").read_bytes()
+
+
+def test_multi_image_answers_match_the_scenes(multi: dict) -> None:
+    out, pairs = multi["out"], {p["id"]: p for p in multi["pairs"]}
+    held_out = {f"{c} {s}" for c, s in DEFAULT_HOLDOUT}
+    spec = SceneSpec()
+    rows = [r for split in ("train", "val", "test") for r in _jsonl(out / f"multi_{split}_qa.jsonl")]
+    assert len(rows) == 80 and len(pairs) == 40
+    for row in rows:
+        pair = pairs[row["id"][:12]]
+        assert row["image"] == pair["image"]
+        first, second = (Scene.from_dict(s) for s in pair["scenes"])
+        names = [{o.name for o in scene.objects} for scene in (first, second)]
+        assert not (names[0] | names[1]) & held_out and not set(row["targets"]) & held_out
+        for scene, image in zip((first, second), row["image"]):  # the pictures show the ground truth
+            assert np.array_equal(np.asarray(Image.open(out / image).convert("RGB")),
+                                  np.asarray(render_scene(scene, spec)))
+        if row["type"] == "multi_added":
+            assert pair["kind"] == "added" and set(first.objects) < set(second.objects)
+            (added,) = set(second.objects) - set(first.objects)
+            assert row["answer"] == added.name and first.background == second.background
+            # Only the added object's box differs between the two pictures.
+            a, b = (np.asarray(Image.open(out / image).convert("RGB")) for image in row["image"])
+            changed = np.argwhere((a != b).any(-1))
+            x1, y1, x2, y2 = added.box
+            assert len(changed) and (changed[:, 1] >= x1).all() and (changed[:, 1] < x2).all()
+            assert (changed[:, 0] >= y1).all() and (changed[:, 0] < y2).all()
+        elif row["type"] == "multi_count":
+            assert pair["kind"] == "different" and len(first.objects) != len(second.objects)
+            assert row["answer"] == ("first" if len(first.objects) > len(second.objects) else "second")
+        else:
+            assert row["type"] == "multi_both"
+            (name,) = row["targets"]
+            assert row["answer"] == ("yes" if name in names[0] and name in names[1] else "no")
+            if row["answer"] == "no":
+                assert row["negative"] == ("one_image" if name in names[0] | names[1] else "neither")
+    for pair in pairs.values():
+        if pair["kind"] == "different":  # the second scene shares an object with the first
+            first, second = ({(o["color"], o["shape"]) for o in s["objects"]} for s in pair["scenes"])
+            assert first & second
+
+
+def test_multi_image_answers_are_balanced_and_records_ask_them(multi: dict) -> None:
+    out, counts = multi["out"], multi["summary"]["multi_counts"]
+    assert [counts[f"multi_{s}"]["pairs"] for s in ("train", "val", "test")] == [32, 4, 4]
+    for split, c in counts.items():
+        assert c["answers"]["multi_both"] == {"no": c["pairs"] // 2, "yes": c["pairs"] // 2}, split
+        assert c["answers"]["multi_count"] == {"first": c["pairs"] // 4, "second": c["pairs"] // 4}, split
+        assert c["qa_types"] == {"multi_added": c["pairs"] // 2, "multi_both": c["pairs"],
+                                 "multi_count": c["pairs"] // 2}, split
+        records = json.loads((out / f"{split}.json").read_text())
+        qa = _jsonl(out / f"{split}_qa.jsonl")
+        assert [(r["image"], r["conversations"]) for r in records] == [
+            (q["image"], [{"from": "human", "value": "<image>\n<image>\n" + q["question"]},
+                          {"from": "gpt", "value": q["answer"]}]) for q in qa]

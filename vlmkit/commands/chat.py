@@ -1,7 +1,12 @@
-"""`vlmkit chat MODEL_DIR [--image PATH] "question"`: one answer from a trained model or a pretrained LM.
+"""`vlmkit chat MODEL_DIR [--image PATH ...] "question"`: one answer from a trained model or a pretrained LM.
 
 MODEL_DIR is a vlmkit model or training run directory, or a Hugging Face language-model directory
 (Llama / Qwen2 with its tokenizer), which answers text-only questions with its own chat template.
+
+`--image` may be repeated: the question is then about several images, in the order given. They go
+before the question, one line each (the layout shapes-world's two-image records are trained on),
+unless the question holds `<image>` tags, one per image, which place them in the text instead:
+``--image a.png --image b.png "Compare <image> with <image>."``.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="a model directory, a training run directory, or an HF language model directory")
     p.add_argument("question")
-    p.add_argument("--image", help="an image file the question is about")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file the question is about; repeat for several (in order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -43,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_language_model(model_dir).to(device)
     answerer = Answerer(model, load_tokenizer(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p)
-    image = answerer.processor.preprocess(load_image(args.image)) if args.image else None
+    images = [answerer.processor.preprocess(load_image(path)) for path in args.image]
     torch.manual_seed(args.seed)
-    print(answerer.answer([args.question], [image])[0])
+    print(answerer.answer([args.question], [images])[0])
     return 0

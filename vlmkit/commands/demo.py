@@ -24,10 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tokenizer_texts(data_dir: Path):
-    """Every text the model will read or write: conversations and captions of the training split."""
-    for turn_record in json.loads((data_dir / "train.json").read_text()):
-        for turn in turn_record["conversations"]:
-            yield turn["value"].replace("<image>", "")
+    """Every text the model will read or write: conversations and captions of the training split (and
+    of the two-image training records, when the data has them)."""
+    for name in ("train.json", "multi_train.json"):
+        if name != "train.json" and not (data_dir / name).is_file():
+            continue
+        for turn_record in json.loads((data_dir / name).read_text()):
+            for turn in turn_record["conversations"]:
+                yield turn["value"].replace("<image>", "")
     for line in (data_dir / "captions_train.jsonl").read_text().splitlines():
         yield json.loads(line)["caption"]
 

@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run directory (or a model directory with --data)")
     p.add_argument("--suite", choices=("standard", "reliability"), default="standard",
                    help="standard: VQA/POPE/grounding to eval.json; reliability: report.json + report.html")
-    p.add_argument("--split", default="test", help="which {split}_qa.jsonl to answer (default: test)")
+    p.add_argument("--split", default="test",
+                   help="which {split}_qa.jsonl to answer (default: test); the held-out splits and the two-image "
+                        "questions of multi_{split}_qa.jsonl are scored beside it when present")
     p.add_argument("--data", help="data directory (default: the one the run was trained on)")
     p.add_argument("--limit", type=int, help="standard: only the first N questions; reliability: N images or "
                                              "questions per probe instead of the defaults")

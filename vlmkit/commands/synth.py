@@ -12,12 +12,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=2000, help="number of train+val+test scenes")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--no-backgrounds", action="store_true", help="plain backgrounds only")
+    p.add_argument("--multi-image", type=int, default=0, metavar="N",
+                   help="also write N pairs of images with questions about both (multi_{train,val,test}.json, "
+                        "multi_{split}_qa.jsonl, multi_scenes.jsonl); default 0: none")
 
 
 def run(args: argparse.Namespace) -> int:
     from vlmkit.data.shapes_world import write_dataset
 
     summary = write_dataset(args.out, seed=args.seed, n=args.n, image_size=args.image_size,
-                            backgrounds=not args.no_backgrounds)
+                            backgrounds=not args.no_backgrounds, multi_image=args.multi_image)
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -184,17 +185,30 @@ class ChatFormat:
                 labels[j] = ids[j]
         return self._expand_images(ids, labels, image_tokens)
 
-    def prompt(self, question: str, with_image: bool = True, image_tokens: int | None = None) -> Encoded:
-        """A single-turn user prompt ending with the assistant header (`image_tokens`: the image's
-        placeholder count, default `self.image_tokens`).
+    def prompt(self, question: str, with_image: bool = True, image_tokens: int | Sequence[int] | None = None,
+               *, num_images: int | None = None) -> Encoded:
+        """A single-turn user prompt ending with the assistant header.
 
-        The image comes first, then a newline, then the question: the layout of LLaVA records
-        (``"<image>\\nWhat ..."``), so prompts at inference match what training saw.
+        `num_images` images (default: one with `with_image`, else none). Without `<image>` tags in
+        the question, each image comes first on a line of its own, then the question: the layout of
+        LLaVA records (``"<image>\\nWhat ..."``, ``"<image>\\n<image>\\nWhich ..."``), so prompts at
+        inference match what training saw. Tags typed in the question place the images there instead
+        (in order); their number must equal `num_images`. `image_tokens`: one placeholder count for
+        every image, or one per image in order (default `self.image_tokens`).
         """
-        content = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": ("\n" if with_image else "") + question})
-        counts = [image_tokens] if with_image and image_tokens is not None else None
-        return self.encode([{"role": "user", "content": content}], add_generation_prompt=True, image_tokens=counts)
+        n = int(with_image) if num_images is None else num_images
+        if n < 0:
+            raise ValueError(f"num_images must be >= 0, got {n}")
+        counts = [image_tokens] * n if isinstance(image_tokens, int) else image_tokens
+        if counts is not None and len(counts) != n:
+            raise ValueError(f"{len(counts)} image token count(s) for {n} image(s)")
+        tags = question.count(self.tok.image_token)
+        if tags and tags != n:
+            raise ConversationError(f"the question has {tags} {self.tok.image_token} tag(s) but {n} image(s) were "
+                                    f"given; type one tag per image, or none to put every image before the question")
+        text = question if tags else "".join(f"{self.tok.image_token}\n" for _ in range(n)) + question
+        return self.encode([{"role": "user", "content": text}], add_generation_prompt=True,
+                           image_tokens=None if counts is None else list(counts))
 
     def _text(self, message: Message) -> str:
         images = sum(part is IMAGE for part in message.parts)

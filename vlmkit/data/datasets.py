@@ -10,6 +10,14 @@ Skip reasons: ``malformed_json``, ``not_a_dict``, ``bad_image_field``, ``bad_cap
 ``bad_conversation`` (also unknown roles and conversations without an assistant answer),
 ``image_count_mismatch``, ``too_long``, ``missing_image``, ``unreadable_image``.
 
+Images of a record: ``"image"`` is one path or a list of paths (several images, e.g. two scenes to
+compare). Each ``<image>`` tag in the text stands for the next image of that list, in reading order
+(turn by turn, left to right); tags may be in any human (user) or system turn, never in an assistant
+(gpt) turn: the model reads images, it does not write them (such a record is a ``bad_conversation``).
+The number of tags must equal the number of images, else the record is an ``image_count_mismatch``
+whose message names the record's index in the file and both counts. The files may differ in size:
+every image is resized to the processor's size.
+
 LLaVA convention: a record that has images but no ``<image>`` tag anywhere in its text gets one
 ``<image>\\n`` per image prepended to its first human turn (LLaVA datasets often omit the tag).
 """
@@ -101,19 +109,19 @@ def _validate(
     records: Sequence[Record],
     report: LoadReport,
     strict: bool,
-    parse: Callable[[dict[str, Any]], tuple[Any, list[str]]],
+    parse: Callable[[Record], tuple[Any, list[str]]],
     store: _ImageStore,
     workers: int | None,
 ) -> list[tuple[str, Any, list[int]]]:
     """The one validation path: `parse` checks a record's content, then its images are decoded.
 
-    `parse(data)` returns (item, image names) or raises `RecordSkipped`. Returns (source, item, image
+    `parse(record)` returns (item, image names) or raises `RecordSkipped`. Returns (source, item, image
     indices) for the records that pass, and sets `report.kept`.
     """
     staged = []
     for record in records:
         try:
-            item, names = parse(record.data)
+            item, names = parse(record)
         except RecordSkipped as skip:
             reject(report, record.source, skip, strict)
             continue
@@ -267,7 +275,8 @@ class ConversationDataset(_SkippingDataset):
         return cls(path, image_root, chat, processor, max_length, strict, cache_images,
                    records=records, report=report, decode_workers=decode_workers)
 
-    def _parse(self, data: dict[str, Any]) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+    def _parse(self, record: Record) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+        data = record.data
         names = _image_names(data)
         data = _with_image_tags(data, len(names), self.chat.tok.image_token)
         try:
@@ -277,8 +286,11 @@ class ConversationDataset(_SkippingDataset):
         if all(label == IGNORE_INDEX for label in encoded.labels):
             raise RecordSkipped("bad_conversation", "no assistant answer to learn from")
         if encoded.num_images != len(names):
+            which = "the record" if record.index is None else f"record {record.index} (counting from 0)"
             raise RecordSkipped("image_count_mismatch",
-                        f"{encoded.num_images} <image> placeholder(s) in the text but {len(names)} image(s) given")
+                                f"{which} has {encoded.num_images} {self.chat.tok.image_token} placeholder(s) in "
+                                f"its text but {len(names)} image(s) in its 'image' field; give one placeholder "
+                                "per image, in the order of the list")
         if len(encoded.input_ids) > self.max_length:
             raise RecordSkipped("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
         ids = np.asarray(encoded.input_ids, dtype=np.int32)
@@ -367,8 +379,8 @@ class ImageTextDataset(_SkippingDataset):
         """Item `index`'s image as a string (its resolved path): equal keys mean the same image."""
         return str(self.image_paths[index])
 
-    def _parse(self, data: dict[str, Any]) -> tuple[tuple[str, np.ndarray], list[str]]:
-        image, caption = caption_fields(data)
+    def _parse(self, record: Record) -> tuple[tuple[str, np.ndarray], list[str]]:
+        image, caption = caption_fields(record.data)
         ids = np.asarray(self.tokenizer.encode(caption)[: self.max_text_length], dtype=np.int32)
         return (caption, ids), [image]
 

@@ -89,9 +89,15 @@ class VLMProcessor:
         counts = None if image_sizes is None else [self.image_tokens(h, w) for h, w in image_sizes]
         return self.chat.encode(conversation, add_generation_prompt, image_tokens=counts)
 
-    def prompt(self, question: str, with_image: bool = True, image_size: tuple[int, int] | None = None) -> Encoded:
+    def prompt(self, question: str, with_image: bool = True, image_size: tuple[int, int] | None = None, *,
+               image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """A single-turn prompt ending with the assistant header, as `ChatFormat.prompt`; `image_size`:
-        the image's preprocessed (height, width), default the configured size."""
+        the image's preprocessed (height, width), default the configured size. For a question about
+        several images (or none), `image_sizes` gives each one's (height, width) in order instead of
+        `with_image` / `image_size`."""
+        if image_sizes is not None:
+            counts = [self.image_tokens(h, w) for h, w in image_sizes]
+            return self.chat.prompt(question, image_tokens=counts, num_images=len(counts))
         count = None if image_size is None or not with_image else self.image_tokens(*image_size)
         return self.chat.prompt(question, with_image, image_tokens=count)
 

@@ -31,6 +31,9 @@ class DataError(ValueError):
 class Record:
     source: str  # "file:line" where the record starts
     data: dict[str, Any]
+    # Position among the file's records, from 0 (skipped ones count): `data[index]` of a .json list,
+    # the index-th non-blank line of a .jsonl file. None for records built in memory.
+    index: int | None = None
 
 
 @dataclass
@@ -115,7 +118,7 @@ def read_record_file(path: str | Path, strict: bool) -> tuple[list[Record], Load
             reject(report, source,
                    RecordSkipped("not_a_dict", f"expected a JSON object, got {type(value).__name__}"), strict)
         else:
-            records.append(Record(source, value))
+            records.append(Record(source, value, report.total - 1))
     report.kept = len(records)
     return records, report
 
@@ -205,7 +208,7 @@ def caption_records(
             {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption}]}
         if "id" in record.data:
             data = {"id": record.data["id"], **data}
-        conversations.append(Record(record.source, data))
+        conversations.append(Record(record.source, data, record.index))
     report.kept = len(conversations)
     report.log_summary()
     return conversations, report

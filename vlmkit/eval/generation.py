@@ -1,4 +1,4 @@
-"""Batched, KV-cached answering of single-turn questions, about images or (text-only models) not."""
+"""Batched, KV-cached answering of single-turn questions about no image, one image or several."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vlm import VisionLanguageModel
+
+# What one question is about: nothing, one preprocessed image [3, H, W], or several in reading order.
+QuestionImages = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+def _image_list(entry: QuestionImages) -> list[torch.Tensor]:
+    if entry is None:
+        return []
+    if torch.is_tensor(entry):
+        if entry.dim() != 3:
+            raise ValueError(f"expected a preprocessed image [3, H, W], got shape {tuple(entry.shape)}; pass several "
+                             "images as a list")
+        return [entry]
+    return list(entry)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,22 +56,33 @@ class Answerer:
         self.temperature, self.top_p = temperature, top_p
         self.device = next(model.parameters()).device
 
-    def answer(self, questions: Sequence[str], images: Sequence[torch.Tensor | None]) -> list[str]:
-        """`images[i]` is a preprocessed [3, H, W] tensor (sizes may differ), or None for a text-only
-        question. Pass the same tensor object for questions about one image: it then goes through the
-        vision tower once per call (its image tokens are kept until the call returns)."""
-        prompts = [self.processor.prompt(q, with_image=img is not None,
-                                         image_size=None if img is None else tuple(img.shape[-2:])).input_ids
-                   for q, img in zip(questions, images)]
+    def answer(self, questions: Sequence[str], images: Sequence[QuestionImages]) -> list[str]:
+        """`images[i]` is what question i is about: None (text only), one preprocessed [3, H, W] tensor, or
+        a sequence of them (several images, e.g. two scenes to compare; sizes may differ). Images come
+        before the question, one line each, unless the question holds its own `<image>` tags (one per
+        image), which place them (see `ChatFormat.prompt`). Pass the same tensor object for questions
+        about one image: it then goes through the vision tower once per call (its image tokens are kept
+        until the call returns)."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(images)} image entries; give one per question")
+        per_question = [_image_list(entry) for entry in images]
+        prompts = [self.processor.prompt(q, image_sizes=[tuple(img.shape[-2:]) for img in imgs]).input_ids
+                   for q, imgs in zip(questions, per_question)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         encoded: dict[int, torch.Tensor] = {}  # id(image tensor) -> its image tokens, for this call
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             ids, mask = left_pad([prompts[i] for i in chunk], self.tok.pad_id)
-            pixels = [images[i] for i in chunk if images[i] is not None]
+            # The batch contract of every fusion: the images of all rows in reading order, and how many
+            # belong to each row.
+            pixels = [img for i in chunk for img in per_question[i]]
+            extra = {}
+            if self.has_vision:
+                extra["image_counts"] = [len(per_question[i]) for i in chunk]
             with autocast(self.device, self.precision):
-                extra = {"image_embeds": self._image_tokens(pixels, encoded)} if self.has_vision else {}
+                if self.has_vision:
+                    extra["image_embeds"] = self._image_tokens(pixels, encoded)
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
                                           max_new_tokens=self.max_new_tokens,
                                           eos_token_id=self.processor.end_of_turn_id,
@@ -81,15 +106,20 @@ class Answerer:
         return [encoded[id(p)] for p in pixels]
 
     def answer_records(self, records: Sequence[dict], image_root: str | Path) -> list[str]:
-        """Answer `{"image", "question"}` records; each distinct image is decoded once."""
+        """Answer `{"image", "question"}` records (``image``: a path, a list of paths or absent); each
+        distinct image is decoded once."""
         cache: dict[str, torch.Tensor] = {}
-        images = []
-        for rec in records:
-            path = rec.get("image")
-            if path is None:
-                images.append(None)
-                continue
+
+        def pixels(path: str) -> torch.Tensor:
             if path not in cache:
                 cache[path] = self.processor.preprocess(load_image(Path(image_root) / path))
-            images.append(cache[path])
+            return cache[path]
+
+        images: list[QuestionImages] = []
+        for rec in records:
+            path = rec.get("image")
+            if path is None or isinstance(path, str):
+                images.append(None if path is None else pixels(path))
+            else:
+                images.append([pixels(p) for p in path])
         return self.answer([r["question"] for r in records], images)

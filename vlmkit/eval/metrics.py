@@ -28,8 +28,10 @@ __all__ = [
     "score",
 ]
 
-# Exact-match types in report order; any other non-grounding type is scored the same way.
-QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "spatial", "size", "identify")
+# Exact-match types in report order (shapes-world's single-image types, then its two-image ones); any
+# other non-grounding type is scored the same way.
+QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "spatial", "size", "identify",
+                                   "multi_count", "multi_both", "multi_added")
 
 _NUMBER_WORDS = {
     w: str(i)
@@ -265,15 +267,16 @@ def _rows(results: Mapping[str, Any], types: Sequence[str]) -> dict[str, float |
     return rows
 
 
-def markdown_table(results: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]] | None = None) -> str:
-    """A markdown table of `score` results: one row per metric, a ``test`` column and one column per
-    held-out split in `extra` (``{name: results}``, each scored by the same `score`).
+def markdown_table(results: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]] | None = None,
+                   name: str = "test") -> str:
+    """A markdown table of `score` results: one row per metric, a column `name` (the split scored) and
+    one column per further split in `extra` (``{name: results}``, each scored by the same `score`).
 
     Rows: overall VQA accuracy; VQA accuracy per type present in either column; POPE F1, accuracy
     and yes-ratio; grounding acc@0.5 and mIoU. Values have 3 decimals; a metric missing from a
     column is shown as "–".
     """
-    columns = [("test", results)] + list((extra or {}).items())
+    columns = [(name, results)] + list((extra or {}).items())
     present: set[str] = set()
     for _, res in columns:
         present |= set(res.get("vqa_accuracy_by_type") or {})

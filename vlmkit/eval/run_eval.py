@@ -1,4 +1,5 @@
-"""Evaluate a trained VLM on a shapes-world style split: VQA, POPE, grounding, compositional."""
+"""Evaluate a trained VLM on a shapes-world style split: VQA, POPE, grounding, compositional, and the
+two-image questions of ``multi_{split}_qa.jsonl`` when the data has them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 EXTRA_SPLITS = ("compositional", "variants")
 
 
+def extra_splits(split: str) -> tuple[str, ...]:
+    """The splits scored beside `split` when their question files exist: `EXTRA_SPLITS`, then
+    ``multi_{split}``: questions about two images (`vlmkit synth --multi-image N`)."""
+    return (*EXTRA_SPLITS, f"multi_{split}")
+
+
 def data_root_of(run_dir: Path) -> Path:
     """The data directory a run was trained on (from its run.yaml)."""
     run_yaml = run_dir / "run.yaml"
@@ -29,8 +36,9 @@ def data_root_of(run_dir: Path) -> Path:
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
              out: str | Path | None = None) -> dict:
-    """Answer every question of `{split}_qa.jsonl` (and of the held-out splits `EXTRA_SPLITS` whose files
-    are present), score, write `eval.json` (to `out`, default the run directory) and return the results."""
+    """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
+    present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
+    directory) and return the results. Question records may name one image or a list of images."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
@@ -38,7 +46,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | N
     answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
     results: dict = {}
     samples: dict[str, list] = {}
-    for name in (split, *EXTRA_SPLITS):
+    extra = extra_splits(split)
+    for name in (split, *extra):
         path = root / f"{name}_qa.jsonl"
         if name != split and not path.is_file():
             continue
@@ -48,11 +57,14 @@ def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | N
         results[name] = score(records, predictions)
         samples[name] = [{**r, "prediction": p} for r, p in zip(records, predictions)]
     final = {**results.pop(split), "split": split}
-    final.update({name: results[name] for name in EXTRA_SPLITS if name in results})
+    final.update({name: results[name] for name in extra if name in results})
     final["examples"] = samples[split][:20]
     write_json_atomic(Path(out) if out else run_dir / "eval.json", final)
     return final
 
 
 def print_report(results: dict) -> None:
-    print(markdown_table(results, {name: results[name] for name in EXTRA_SPLITS if name in results}))
+    """The markdown table of `evaluate`'s results: the asked split, then each further split scored."""
+    split = results.get("split", "test")
+    extra = {name: results[name] for name in extra_splits(split) if name in results}
+    print(markdown_table(results, extra, name=split))

@@ -1,6 +1,7 @@
 """Dataset files: `write_dataset` generates, renders and describes every scene of a shapes-world dataset
 and writes its images, the records, question and caption files of each split, ``scenes.jsonl`` (the
-ground truth) and ``meta.json`` (the summary it also returns).
+ground truth) and ``meta.json`` (the summary it also returns); with ``multi_image`` also the two-image
+task of `vlmkit.data.shapes_world.multi`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from vlmkit.data.shapes_world.generate import _derive_seed, generate_scene
 from vlmkit.data.shapes_world.language import caption_scene, questions_for_scene
+from vlmkit.data.shapes_world.multi import MULTI_QUESTION_TYPES, check_pair_spec, pair_records, scene_pair
 from vlmkit.data.shapes_world.records import dialogue_records, question_records, scene_records
 from vlmkit.data.shapes_world.render import render_scene
 from vlmkit.data.shapes_world.spec import (
@@ -75,6 +77,7 @@ def write_dataset(
     object_lists: bool = False,
     n_variants: int = 0,
     variants: Mapping[str, Any] | None = None,
+    multi_image: int = 0,
 ) -> dict[str, Any]:
     """Generate shapes-world under ``out_dir`` and return the summary also written to ``meta.json``.
 
@@ -93,6 +96,12 @@ def write_dataset(
     questions of every type, plus the object lists when ``object_lists``; see `dialogue_records`) or
     ``"questions"`` (the same questions one per record; see `question_records`). The question files
     ``{split}_qa.jsonl`` are the same whatever the style.
+
+    ``multi_image`` pairs of scenes (default 0: none, and nothing else changes) make the two-image task
+    (see `vlmkit.data.shapes_world.multi`), split into train / val / test by the same fractions: images
+    ``images/multi_{index}_{1,2}.png``, records ``multi_{split}.json`` (one question each), questions
+    ``multi_{split}_qa.jsonl`` (``image`` is the list of both paths) and the ground truth
+    ``multi_scenes.jsonl``. Pairs use the training spec (no held-out pair is drawn or named).
     """
     t0 = time.perf_counter()
     if not isinstance(n, int) or n < 1:
@@ -143,6 +152,10 @@ def write_dataset(
     comp_spec = replace(spec, require_pairs=holdout) if holdout else train_spec
     if n_variants < 0:
         raise ValueError(f"n_variants must be >= 0, got {n_variants}")
+    if not isinstance(multi_image, int) or multi_image < 0:
+        raise ValueError(f"multi_image must be an int >= 0 (pairs of images), got {multi_image!r}")
+    if multi_image:
+        check_pair_spec(spec)
     variant_spec = replace(train_spec, **dict(DRAWING_VARIANTS if variants is None else variants))
     split_specs = {"train": train_spec, "val": train_spec, "test": train_spec, "compositional": comp_spec,
                    "variants": variant_spec}
@@ -206,6 +219,7 @@ def write_dataset(
         files[f"captions_{split}"] = f"captions_{split}.jsonl"
     _dump_jsonl(out / "scenes.jsonl", scene_rows)
     files["scenes"] = "scenes.jsonl"
+    multi_counts = _write_pairs(out, seed, train_spec, multi_image, val_fraction, test_fraction, files)
 
     counts = {}
     for split, count in bounds:
@@ -248,7 +262,45 @@ def write_dataset(
         "counts": counts,
         "files": files,
     }
+    if multi_image:
+        meta.update({"multi_image": multi_image, "multi_question_types": list(MULTI_QUESTION_TYPES),
+                     "multi_counts": multi_counts})
     with open(out / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     return {**meta, "out_dir": str(out), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _write_pairs(out: Path, seed: int, spec: SceneSpec, n: int, val_fraction: float, test_fraction: float,
+                 files: dict[str, str]) -> dict[str, Any]:
+    """Render and write `n` two-image pairs (the files `write_dataset` describes); adds them to `files`
+    and returns their counts per split."""
+    if not n:
+        return {}
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    bounds = [("train", n - n_val - n_test), ("val", n_val), ("test", n_test)]
+    scene_rows, counts = [], {}
+    index = 0
+    for split, count in bounds:
+        records, qa_rows = [], []
+        for position in range(count):
+            pair = scene_pair(index, seed, spec, position)
+            images = [f"images/multi_{index:06d}_{k}.png" for k in (1, 2)]
+            for scene, image in zip((pair.first, pair.second), images):
+                render_scene(scene, spec).save(out / image, format="PNG")
+            scene_rows.append({"id": f"multi_{index:06d}", "image": images, "split": split, **pair.to_dict()})
+            records.extend(pair_records(pair, images))
+            qa_rows.extend({"id": f"multi_{index:06d}_{j:02d}", "image": images, **q.to_dict()}
+                           for j, q in enumerate(pair.questions))
+            index += 1
+        name = f"multi_{split}"
+        _dump_json_list(out / f"{name}.json", records)
+        _dump_jsonl(out / f"{name}_qa.jsonl", qa_rows)
+        files[name], files[f"{name}_qa"] = f"{name}.json", f"{name}_qa.jsonl"
+        counts[name] = {"pairs": count, "records": len(records), "qa": len(qa_rows),
+                        "qa_types": dict(sorted(Counter(r["type"] for r in qa_rows).items())),
+                        "answers": {t: dict(sorted(Counter(r["answer"] for r in qa_rows if r["type"] == t).items()))
+                                    for t in ("multi_count", "multi_both")}}
+    _dump_jsonl(out / "multi_scenes.jsonl", scene_rows)
+    files["multi_scenes"] = "multi_scenes.jsonl"
+    return counts
