@@ -103,7 +103,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.attn = CrossAttention(cfg.hidden_size, image_dim or cfg.hidden_size, cfg.num_heads, cfg.head_dim)
         self.attn_gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the LM starts unchanged
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.mlp_gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, hidden: torch.Tensor, images: ImageContext, start: int = 0) -> torch.Tensor:
