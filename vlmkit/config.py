@@ -188,6 +188,7 @@ class ConnectorConfig:
     num_layers: int = 2
     num_heads: int = 4
     hidden_size: int | None = None  # width inside the connector (None: the connector's own default)
+    cross_attention_frequency: int = 2  # qformer: queries cross-attend to the image every this many layers (BLIP-2: 2)
 
 
 @dataclass

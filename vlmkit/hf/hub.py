@@ -68,6 +68,25 @@ DINOV2_RULES: Rules = [
     ("encoder.layer.{i}.attention.o_proj.", "blocks.{i}.attn.out_proj."),
 ]
 
+# BLIP-2's Q-Former (`Blip2Model`, `Blip2ForConditionalGeneration`) -> the `qformer` connector: its query
+# path and `language_projection`. Each layer's two attentions share one layout under different names.
+_QFORMER_ATTENTION = [("attention.query.", "q_proj."), ("attention.key.", "k_proj."),
+                      ("attention.value.", "v_proj."), ("output.dense.", "out_proj."), ("output.LayerNorm.", "norm.")]
+QFORMER_RULES: Rules = [
+    ("query_tokens", "qformer.queries"),  # stored [1, K, H], ours [K, H]
+    ("qformer.layernorm.", "qformer.norm."),
+    *[(f"qformer.encoder.layer.{{i}}.{hf}.{a}", f"qformer.layers.{{i}}.{ours}.{b}")
+      for hf, ours in (("attention", "self_attn"), ("crossattention", "cross_attn")) for a, b in _QFORMER_ATTENTION],
+    ("qformer.encoder.layer.{i}.intermediate_query.dense.", "qformer.layers.{i}.query_ffn.fc1."),
+    ("qformer.encoder.layer.{i}.output_query.dense.", "qformer.layers.{i}.query_ffn.fc2."),
+    ("qformer.encoder.layer.{i}.output_query.LayerNorm.", "qformer.layers.{i}.query_ffn.norm."),
+    ("language_projection.", "projection."),
+]
+# The rest of a BLIP-2 checkpoint: the towers, and the Q-Former's text path (text embeddings and
+# feed-forward layers, retrieval heads), which a connector has no use for.
+QFORMER_IGNORED = (r"^(vision_model|language_model|embeddings|qformer\.embeddings|vision_projection|text_projection"
+                   r"|itm_head)\.", r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
 # Buffers some HF versions store that carry no learned information.
 IGNORED_KEYS = (r"\.position_ids$", r"rotary_emb\.inv_freq$")
 
@@ -289,4 +308,12 @@ def vision_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint",
     for key, dims in family.batched:
         if key in renamed and renamed[key].shape[:dims] == (1,) * dims:
             renamed[key] = renamed[key].reshape(renamed[key].shape[dims:])
+    return renamed
+
+
+def qformer_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint") -> StateDict:
+    """The `qformer` connector's weights (keys of `QFormerConnector`) from a BLIP-2 state dict."""
+    renamed = rename_keys(state_dict, QFORMER_RULES, source, ignored=QFORMER_IGNORED)
+    if "qformer.queries" in renamed and renamed["qformer.queries"].ndim == 3:
+        renamed["qformer.queries"] = renamed["qformer.queries"][0]
     return renamed

@@ -8,6 +8,7 @@ from __future__ import annotations
 from vlmkit.config import ConfigError, ConnectorConfig
 from vlmkit.models.connectors.base import Connector, GridEmbedding
 from vlmkit.models.connectors.projectors import Linear, MLP2xGELU, PixelShuffle
+from vlmkit.models.connectors.qformer import QFormerConnector
 
 __all__ = ["CONNECTORS", "Connector", "GridEmbedding", "build_connector"]
 
@@ -15,6 +16,7 @@ CONNECTORS: dict[str, type[Connector]] = {
     "linear": Linear,
     "mlp2x_gelu": MLP2xGELU,
     "pixel_shuffle": PixelShuffle,
+    "qformer": QFormerConnector,
 }
 
 
