@@ -78,3 +78,36 @@ def test_grid_embedding_refuses_a_grid_larger_than_its_table():
     conn = build_connector(ConnectorConfig(name="linear", grid_embedding=True), 4, 4)
     with pytest.raises(ValueError, match="exceeds the 64 per side"):
         conn(torch.randn(1, 65 * 2, 4), (65, 2))
+
+
+def test_qformer_gives_num_queries_tokens_whatever_the_grid():
+    conn = build_connector(ConnectorConfig(name="qformer", num_queries=5, num_layers=3, num_heads=2, hidden_size=16),
+                           vision_dim=12, lm_dim=20, num_prefix_tokens=1)
+    for grid in [(2, 2), (4, 6)]:
+        assert conn.num_tokens(grid) == 5
+        assert conn(torch.randn(3, 1 + grid[0] * grid[1], 12), grid).shape == (3, 5, 20)
+    # Cross-attention on layers 0 and 2 (every `cross_attention_frequency` = 2 layers), as BLIP-2.
+    assert [layer.cross_attn is not None for layer in conn.qformer.layers] == [True, False, True]
+    assert all(layer.text_ffn is None for layer in conn.qformer.layers)  # a connector has no text path
+    assert conn.qformer.hidden_size == 16
+    assert build_connector(ConnectorConfig(name="qformer", num_heads=2), 12, 20).qformer.hidden_size == 12
+
+
+def test_qformer_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="connector.hidden_size 12 .* not divisible by connector.num_heads 5"):
+        build_connector(ConnectorConfig(name="qformer", num_heads=5), 12, 8)
+    with pytest.raises(ConfigError, match="connector.cross_attention_frequency must be >= 1"):
+        build_connector(ConnectorConfig(name="qformer", num_heads=2, cross_attention_frequency=0), 12, 8)
+    with pytest.raises(ConfigError, match="connector.grid_embedding: the qformer connector's tokens have no grid"):
+        build_connector(ConnectorConfig(name="qformer", num_heads=2, grid_embedding=True), 12, 8)
+
+
+def test_a_vlm_with_a_qformer_connector_has_k_tokens_per_image(make_config, tokenizer):
+    from vlmkit.models.vlm import VisionLanguageModel
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(make_config(connector={"name": "qformer", "num_queries": 3, "num_heads": 2})).eval()
+    assert model.tokens_per_image == model.image_token_count(48, 64) == 3
+    ids = torch.tensor([[5, tokenizer.image_id, tokenizer.image_id, tokenizer.image_id, 7]])
+    out = model(ids, torch.randn(1, 3, 32, 32), labels=ids)
+    assert out.logits.shape == (1, 5, tokenizer.vocab_size) and torch.isfinite(out.loss)

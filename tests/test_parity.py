@@ -147,3 +147,35 @@ def test_idefics2_configs_our_perceiver_cannot_take_are_explained():
     data["perceiver_config"]["hidden_act"] = "gelu"
     with pytest.raises(ConfigError, match="perceiver_config.hidden_act 'gelu' is not supported"):
         perceiver_config_from_idefics2(data)
+
+
+@pytest.mark.parametrize("frequency,text_input", [(2, False), (1, True)])
+def test_qformer_connector_matches_blip2_qformer(frequency, text_input):
+    """The query path and BLIP-2's language projection, loaded from transformers' weight names (a
+    text path in the checkpoint, as InstructBLIP's, is not read)."""
+    from vlmkit.config import ConnectorConfig
+    from vlmkit.hf.hub import qformer_state_dict_from_hf
+    from vlmkit.models.connectors import build_connector
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                             intermediate_size=128, encoder_hidden_size=24,
+                                             cross_attention_frequency=frequency, use_qformer_text_input=text_input)
+    ref = transformers.Blip2QFormerModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name or "layernorm" in name:
+                p.normal_(0.5 if name.endswith("weight") else 0.0, 0.1)
+    query_tokens, projection = torch.randn(1, 6, 32), torch.nn.Linear(32, 20)
+    state = {"query_tokens": query_tokens, **{f"qformer.{k}": v for k, v in ref.state_dict().items()},
+             **{f"language_projection.{k}": v for k, v in projection.state_dict().items()}}
+    cfg = ConnectorConfig(name="qformer", num_queries=6, num_layers=3, num_heads=4, hidden_size=32,
+                          cross_attention_frequency=frequency)
+    ours = build_connector(cfg, vision_dim=24, lm_dim=20).eval()
+    load_into(ours, qformer_state_dict_from_hf(state))
+    features = torch.randn(2, 17, 24)
+    with torch.no_grad():
+        expected = ref(query_embeds=query_tokens.expand(2, -1, -1), encoder_hidden_states=features).last_hidden_state
+        assert (expected - ours.qformer(features)).abs().max().item() <= TOL
+        assert (projection(expected) - ours(features, (4, 4))).abs().max().item() <= TOL
+    assert ours.num_tokens((4, 4)) == ours.num_tokens((9, 7)) == 6

@@ -20,6 +20,8 @@ from vlmkit.train.recipe import load_run_config, stage_config
 from vlmkit.train.sampler import ResumableBatchSampler
 from vlmkit.train.trainer import Trainer, list_checkpoints, resume
 
+QFORMER = {"name": "qformer", "num_queries": 4, "num_layers": 2, "num_heads": 2, "cross_attention_frequency": 1}
+
 TINY_RECIPE = {
     "precision": "fp32",
     "device": "cpu",
@@ -38,6 +40,9 @@ TINY_RECIPE = {
                  "clip_embed_dim": 16,
                  "data": {"train": "captions_train.jsonl", "val": "captions_val.jsonl", "max_length": 48},
                  "optim": {"steps": 3, "batch_size": 8, "warmup_steps": 1}},
+        "qformer": {"model": {"connector": QFORMER}, "qformer": {"embed_dim": 16},
+                    "data": {"train": "captions_train.jsonl", "val": "captions_val.jsonl", "max_length": 48},
+                    "optim": {"steps": 3, "batch_size": 8, "warmup_steps": 1}},
         "align": {"data": {"train": "captions_train.jsonl", "val": "captions_val.jsonl", "max_length": 256},
                   "optim": {"steps": 3, "batch_size": 4, "warmup_steps": 1}},
         "instruct": {"data": {"train": "train.json", "val": "val.json", "max_length": 320},
@@ -69,6 +74,8 @@ XATTN = "model.fusion=cross_attention"
 
 @pytest.mark.parametrize("stage,overrides,expected_trainable", [
     ("clip", [], {"vision", "text", "image_proj", "text_proj", "logit_scale"}),
+    ("qformer", [], {"qformer", "word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head",
+                     "logit_scale"}),
     ("align", [], {"connector"}),
     ("align", [XATTN], {"connector", "fusion"}),
     ("instruct", [], {"connector", "lm"}),
@@ -223,6 +230,41 @@ def test_clip_stage_reports_retrieval(data_dir, tmp_path):
     assert (tmp_path / "clip" / "model" / "config.json").is_file()
 
 
+def test_qformer_stage_learns_and_starts_a_vlm_qformer_connector(data_dir, tmp_path):
+    from vlmkit.models.qformer_pretraining import QFormerPretrainer
+
+    run = tmp_path / "qformer"
+    results = Trainer(config_for("qformer", data_dir, run, "optim.steps=30", "optim.lr=3e-3")).fit()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"itc", "itm", "itg", "itm_accuracy"} <= set(record) for record in logged)
+    loss = [record["loss"] for record in logged]
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5, loss
+    assert 0.0 <= results["retrieval_top1"] <= results["retrieval_top5"] <= 1.0 and results["retrieval_candidates"] > 1
+    assert {"val_itc", "val_itm", "val_itg", "val_itm_accuracy"} <= set(results)
+
+    # A VLM stage starts its connector's queries and layers (and, by vision_from, its tower) from the run.
+    connector = "model.connector=" + json.dumps(QFORMER)
+    trainer = Trainer(config_for("align", data_dir, tmp_path / "align", connector, f"vision_from={run}",
+                                 f"connector_from={run}"))
+    pretrained = QFormerPretrainer.from_pretrained(run)
+    loaded = trainer.model.connector.qformer.state_dict()
+    assert loaded.keys() == pretrained.qformer.query_state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in pretrained.qformer.query_state_dict().items())
+    assert trainer.model.tokens_per_image == QFORMER["num_queries"]
+    trainer.fit(stop_after=1)
+
+    # (Without vision_from the tower is random: the same as the run's frozen one with the same seed.)
+    with pytest.raises(ConfigError, match="learnt to read another vision tower's features"):
+        Trainer(config_for("align", data_dir, tmp_path / "a2", connector, f"connector_from={run}", "seed=1"))
+    other = "model.connector=" + json.dumps({**QFORMER, "num_queries": 6})
+    with pytest.raises(ConfigError, match="differs from model.connector .*: num_queries 4 vs 6"):
+        Trainer(config_for("align", data_dir, tmp_path / "a3", other, f"vision_from={run}", f"connector_from={run}"))
+    with pytest.raises(ConfigError, match="model.connector.name is 'mlp2x_gelu'; set it to qformer"):
+        Trainer(config_for("align", data_dir, tmp_path / "a4", f"vision_from={run}", f"connector_from={run}"))
+    with pytest.raises(ConfigError, match="connector_from: the clip stage does not start from"):
+        config_for("clip", data_dir, tmp_path / "a5", f"connector_from={run}")
+
+
 def test_batch_sampler_is_deterministic_and_length_grouped():
     lengths = [(i * 37) % 100 for i in range(1000)]
     a, b = ResumableBatchSampler(lengths, 10, seed=1), ResumableBatchSampler(lengths, 10, seed=1)
@@ -330,7 +372,7 @@ def test_stage_registry_is_what_configs_and_the_cli_read(capsys):
     from vlmkit.cli import main
     from vlmkit.train.stages import STAGES, Stage, register
 
-    assert list(STAGES) == ["clip", "dense", "align", "instruct"]
+    assert list(STAGES) == ["clip", "dense", "qformer", "align", "instruct"]
     assert all(stage.trains and stage.reads for stage in STAGES.values())
     assert main(["train", "--list-stages"]) == 0
     table = capsys.readouterr().out

@@ -192,6 +192,7 @@ class ConnectorConfig:
     num_kv_heads: int | None = None  # grouped key/value heads (None: num_heads)
     projection_size: int | None = None  # inner width of the gated projection into the LM (None: 4 x LM width)
     rms_norm_eps: float = 1e-6
+    cross_attention_frequency: int = 2  # qformer: queries cross-attend to the image every this many layers (BLIP-2: 2)
 
 
 @dataclass

@@ -54,12 +54,16 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
 
 
 def collate_image_text(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack `ImageTextDataset` samples: ``pixel_values`` [B, 3, H, W], ``text_ids`` / ``text_mask`` [B, T]."""
+    """Stack `ImageTextDataset` samples: ``pixel_values`` [B, 3, H, W], ``text_ids`` / ``text_mask`` [B, T],
+    and ``image_ids`` [B] when the samples have them (equal ids: the same image)."""
     if not batch:
         raise ValueError("collate_image_text got an empty batch")
     text_ids = _pad([sample["text_ids"] for sample in batch], pad_id)
-    return {
+    out = {
         "pixel_values": torch.stack([sample["pixel_values"] for sample in batch]),
         "text_ids": text_ids,
         "text_mask": _mask([len(sample["text_ids"]) for sample in batch], text_ids.shape[1]),
     }
+    if all("image_id" in sample for sample in batch):
+        out["image_ids"] = torch.tensor([sample["image_id"] for sample in batch])
+    return out

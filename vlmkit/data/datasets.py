@@ -336,9 +336,10 @@ class ConversationDataset(_SkippingDataset):
 class ImageTextDataset(_SkippingDataset):
     """Image-caption pairs for contrastive (CLIP-style) pretraining, from a caption ``.jsonl``/``.json``.
 
-    A sample is ``{"pixel_values": [3, H, W], "text_ids": [T]}`` with the caption's tokens cut to
-    `max_text_length`; batch with `collate_image_text`. For retrieval evaluation, `captions[i]`
-    lists the distinct captions of item i's image (file order) and `image_paths[i]` is that image.
+    A sample is ``{"pixel_values": [3, H, W], "text_ids": [T], "image_id": int}`` with the caption's
+    tokens cut to `max_text_length` (`image_id` is equal for captions of one image file); batch with
+    `collate_image_text`. For retrieval evaluation, `captions[i]` lists the distinct captions of item
+    i's image (file order) and `image_paths[i]` is that image.
     """
 
     def __init__(
@@ -389,4 +390,5 @@ class ImageTextDataset(_SkippingDataset):
         return {
             "pixel_values": self.processor.normalize(pixels),
             "text_ids": torch.from_numpy(self._text_ids[index]).long(),
+            "image_id": self._image_index[index],  # equal for captions of the same image
         }

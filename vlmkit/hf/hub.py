@@ -79,6 +79,26 @@ IDEFICS2_CONNECTOR_RULES: Rules = [
     ("perceiver_resampler.norm.", "norm."),
 ]
 
+
+# BLIP-2's Q-Former (`Blip2Model`, `Blip2ForConditionalGeneration`) -> the `qformer` connector: its query
+# path and `language_projection`. Each layer's two attentions share one layout under different names.
+_QFORMER_ATTENTION = [("attention.query.", "q_proj."), ("attention.key.", "k_proj."),
+                      ("attention.value.", "v_proj."), ("output.dense.", "out_proj."), ("output.LayerNorm.", "norm.")]
+QFORMER_RULES: Rules = [
+    ("query_tokens", "qformer.queries"),  # stored [1, K, H], ours [K, H]
+    ("qformer.layernorm.", "qformer.norm."),
+    *[(f"qformer.encoder.layer.{{i}}.{hf}.{a}", f"qformer.layers.{{i}}.{ours}.{b}")
+      for hf, ours in (("attention", "self_attn"), ("crossattention", "cross_attn")) for a, b in _QFORMER_ATTENTION],
+    ("qformer.encoder.layer.{i}.intermediate_query.dense.", "qformer.layers.{i}.query_ffn.fc1."),
+    ("qformer.encoder.layer.{i}.output_query.dense.", "qformer.layers.{i}.query_ffn.fc2."),
+    ("qformer.encoder.layer.{i}.output_query.LayerNorm.", "qformer.layers.{i}.query_ffn.norm."),
+    ("language_projection.", "projection."),
+]
+# The rest of a BLIP-2 checkpoint: the towers, and the Q-Former's text path (text embeddings and
+# feed-forward layers, retrieval heads), which a connector has no use for.
+QFORMER_IGNORED = (r"^(vision_model|language_model|embeddings|qformer\.embeddings|vision_projection|text_projection"
+                   r"|itm_head)\.", r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
 # Buffers some HF versions store that carry no learned information.
 IGNORED_KEYS = (r"\.position_ids$", r"rotary_emb\.inv_freq$")
 
@@ -340,3 +360,11 @@ def perceiver_state_dict_from_idefics2(state_dict: StateDict, source: str = "che
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             break
     return rename_keys(state_dict, IDEFICS2_CONNECTOR_RULES, source)
+
+
+def qformer_state_dict_from_hf(state_dict: StateDict, source: str = "checkpoint") -> StateDict:
+    """The `qformer` connector's weights (keys of `QFormerConnector`) from a BLIP-2 state dict."""
+    renamed = rename_keys(state_dict, QFORMER_RULES, source, ignored=QFORMER_IGNORED)
+    if "qformer.queries" in renamed and renamed["qformer.queries"].ndim == 3:
+        renamed["qformer.queries"] = renamed["qformer.queries"][0]
+    return renamed

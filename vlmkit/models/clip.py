@@ -55,10 +55,28 @@ class DualEncoder(Checkpointable, nn.Module):
         pooled = hidden[torch.arange(ids.shape[0], device=ids.device), last]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
+    def similarity(self, pixel_values: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """[N_images, N_texts] cosine similarities (what retrieval ranks by)."""
+        return self.encode_image(pixel_values) @ self.encode_text(text_ids, text_mask).t()
+
     def forward(self, pixel_values: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Symmetric InfoNCE loss over the batch (the matching pair is the positive)."""
         img, txt = self.encode_image(pixel_values), self.encode_text(text_ids, text_mask)
-        # Clamp as CLIP does: a temperature below 1/100 makes training unstable.
-        logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img.float() @ txt.float().t()
+        return symmetric_info_nce(temperature_scale(self.logit_scale) * img.float() @ txt.float().t())
+
+
+def temperature_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """1 / temperature from its learned log. Clamped as CLIP does: a temperature below 1/100 makes
+    training unstable."""
+    return logit_scale.clamp(max=math.log(100.0)).exp()
+
+
+def symmetric_info_nce(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Contrastive loss of [N, N] image-text logits, both directions averaged: image i's positive is
+    text i, or, with `positives` ([N, N] bool, symmetric), every text it marks, weighted equally (e.g.
+    several captions of one image in a batch, which must not push each other away)."""
+    if positives is None:
         targets = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+    else:
+        targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

@@ -99,9 +99,11 @@ class RunConfig:
     text: dict[str, Any] = field(default_factory=dict)  # clip stage: the text tower's LanguageConfig
     clip_embed_dim: int = 128
     dense: dict[str, Any] = field(default_factory=dict)  # dense stage: head options (box_weight, box_digits)
+    qformer: dict[str, Any] = field(default_factory=dict)  # qformer stage: embed_dim, init_temperature, itg
     tokenizer: str | None = None  # directory with tokenizer.json (default: model.lm.pretrained)
     init_from: str | None = None  # a previous stage's run/model dir whose weights start this stage
-    vision_from: str | None = None  # a clip-stage run whose vision tower the VLM starts from
+    vision_from: str | None = None  # a clip-, dense- or qformer-stage run whose vision tower the model starts from
+    connector_from: str | None = None  # a qformer-stage run whose Q-Former the VLM's qformer connector starts from
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "bf16"  # bf16 (autocast) | fp32

@@ -57,7 +57,7 @@ def stage_config(recipe: dict[str, Any], stage: str, overrides: list[str] = (), 
 def checked(cfg: RunConfig) -> RunConfig:
     """A registered stage (or a ConfigError listing them) that can start from what the config names."""
     stage = stage_class(cfg.stage)
-    for key in ("init_from", "vision_from"):
+    for key in ("init_from", "vision_from", "connector_from"):
         if getattr(cfg, key) and key not in stage.starts_from:
             raise ConfigError(f"{key}: the {cfg.stage} stage does not start from another run this way "
                               f"(it takes {', '.join(stage.starts_from)})")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from vlmkit.config import ConfigError, from_dict, to_dict
+from vlmkit.config import ConfigError, VisionConfig, from_dict, to_dict
 from vlmkit.data.collate import collate, collate_image_text
 from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
 from vlmkit.data.images import ImageProcessor
@@ -26,11 +27,14 @@ from vlmkit.hf.hub import load_into
 from vlmkit.hf.pretrained import build_vlm, load_vision_weights, tower_weights, vision_config_from_section
 from vlmkit.models.clip import ClipConfig, DualEncoder
 from vlmkit.models.dense import DenseConfig, DenseTower, dense_metrics
+from vlmkit.models.qformer_pretraining import QFormerPretrainer, QFormerPretrainingConfig
+from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 from vlmkit.train.config import RunConfig
 from vlmkit.train.features import tower_features
 
 log = logging.getLogger("vlmkit.train")
+TowerModel = TypeVar("TowerModel", DualEncoder, DenseTower, QFormerPretrainer)  # models trained around a tower
 
 
 def freeze(module: nn.Module, trainable: bool) -> None:
@@ -62,11 +66,24 @@ class Stage:
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor: ...
     def evaluate(self, model: nn.Module, val) -> dict: ...
 
-    def start_tower_model(self, model: DualEncoder | DenseTower) -> DualEncoder | DenseTower:
+    def check_tower_source(self, vision: VisionConfig) -> None:
+        if self.cfg.vision_from and vision.pretrained:
+            raise ConfigError("set either vision_from (a clip-, dense- or qformer-stage run) or "
+                              "model.vision.pretrained, not both")
+
+    def loss_terms(self) -> dict[str, float]:
+        """Parts of the loss logged beside it: their means over the micro-batches since the last call."""
+        return {}
+
+    def start_tower_model(self, model: TowerModel) -> TowerModel:
         """A tower-pretraining model starts from a run of its own stage (`init_from`), else its tower
-        from the HF checkpoint its config names (`model.vision.pretrained`), else from random weights."""
+        from an earlier run (`vision_from`, for stages that take it) or from the HF checkpoint its
+        config names (`model.vision.pretrained`), else from random weights."""
         if self.cfg.init_from:
             model.load_state_dict(type(model).from_pretrained(self.cfg.init_from).state_dict())
+        elif self.cfg.vision_from:
+            self.check_tower_source(model.config.vision)
+            load_tower_from_run(model.vision, self.cfg.vision_from)
         elif model.config.vision.pretrained:
             load_vision_weights(model.vision, model.config.vision.pretrained)
         return model
@@ -102,6 +119,12 @@ def stage_class(name: str) -> type[Stage]:
     return STAGES[name]
 
 
+def load_tower_from_run(vision: ViT, run: str | Path) -> None:
+    """Load the vision tower of an earlier run (any vlmkit model directory holding one) into `vision`."""
+    source = resolve_model_dir(run)
+    load_into(vision, tower_weights(source), f"{source}: vision")
+
+
 @register
 class ClipStage(Stage):
     name = "clip"
@@ -133,28 +156,32 @@ class ClipStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, model: DualEncoder, val) -> dict:
-        return clip_retrieval(model, val, self.tokenizer, self.cfg.eval_samples)
+        return caption_retrieval(model, retrieval_batch(model, val, self.tokenizer, self.cfg.eval_samples))
 
 
-@torch.no_grad()
-def clip_retrieval(model: DualEncoder, dataset, tokenizer: Tokenizer, limit: int) -> dict:
-    """Zero-shot image->text retrieval on `limit` distinct images: is the image's own caption the best?"""
-    model.eval()
+def retrieval_batch(model: nn.Module, dataset, tokenizer: Tokenizer, limit: int) -> dict:
+    """One caption (the first) of each of `limit` distinct images of a caption dataset, collated on the
+    model's device."""
     seen: dict[str, int] = {}
     for i in range(len(dataset)):
         seen.setdefault(dataset.image_key(i), i)
         if len(seen) >= limit:
             break
-    items = [dataset[i] for i in seen.values()]
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate_image_text(items, tokenizer.pad_id).items()}
-    sims = model.encode_image(batch["pixel_values"]) @ model.encode_text(batch["text_ids"], batch["text_mask"]).t()
-    targets = torch.arange(len(items), device=device)
-    top5 = sims.topk(min(5, len(items)), dim=1).indices
+    return batch_to(collate_image_text([dataset[i] for i in seen.values()], tokenizer.pad_id), device)
+
+
+@torch.no_grad()
+def caption_retrieval(model: DualEncoder | QFormerPretrainer, batch: dict) -> dict:
+    """Zero-shot image->text retrieval among a `retrieval_batch`: is the image's own caption the best?"""
+    model.eval()
+    sims = model.similarity(batch["pixel_values"], batch["text_ids"], batch["text_mask"])
+    targets = torch.arange(len(sims), device=sims.device)
+    top5 = sims.topk(min(5, len(sims)), dim=1).indices
     return {
         "retrieval_top1": float((sims.argmax(dim=1) == targets).float().mean()),
         "retrieval_top5": float((top5 == targets[:, None]).any(dim=1).float().mean()),
-        "retrieval_candidates": len(items),
+        "retrieval_candidates": len(sims),
     }
 
 
@@ -224,6 +251,84 @@ class DenseStage(Stage):
                                 batch["boxes"], list(model.config.attributes)), "val_samples": n}
 
 
+@register
+class QFormerStage(ClipStage):
+    """BLIP-2 stage 1: the Q-Former learns from captions what to read from a frozen tower, before any LM."""
+
+    name = "qformer"
+    trains = "the Q-Former (queries, layers, text path) + ITC / ITM / ITG heads, against a frozen vision tower"
+    reads = "image-caption pairs (JSON Lines), as the clip stage"
+    starts_from = ("init_from", "vision_from")
+    SET_BY_STAGE = ("vision", "connector", "vocab_size", "max_text_length")
+
+    def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
+        super().__init__(cfg, tokenizer)
+        self._terms: dict[str, list[float]] = {}
+
+    def build_model(self) -> QFormerPretrainer:
+        taken = sorted(set(self.cfg.qformer) & set(self.SET_BY_STAGE))
+        if taken:
+            raise ConfigError(f"qformer: {taken} come from model.vision, model.connector, the tokenizer and "
+                              "data.max_length; remove them from the qformer section")
+        model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id or 0)
+        cfg = from_dict(QFormerPretrainingConfig, {
+            **self.cfg.qformer, "vision": to_dict(model_cfg.vision), "connector": to_dict(model_cfg.connector),
+            "vocab_size": self.tokenizer.vocab_size, "max_text_length": self.cfg.data.max_length + 1}, "qformer")
+        return self.start_tower_model(QFormerPretrainer(cfg))
+
+    def set_trainable(self, model: QFormerPretrainer) -> None:
+        freeze(model, True)
+        freeze(model.vision, False)
+
+    def loss(self, model: QFormerPretrainer, batch: dict) -> torch.Tensor:
+        out = model(batch["pixel_values"], batch["text_ids"], batch["text_mask"], batch.get("image_ids"))
+        for key in ("itc", "itm", "itg", "itm_accuracy"):
+            if key in out:
+                self._terms.setdefault(key, []).append(float(out[key].detach()))
+        return out["loss"]
+
+    def loss_terms(self) -> dict[str, float]:
+        terms = {key: sum(values) / len(values) for key, values in self._terms.items()}
+        self._terms = {}
+        return terms
+
+    @torch.no_grad()
+    def evaluate(self, model: QFormerPretrainer, val) -> dict:
+        batch = retrieval_batch(model, val, self.tokenizer, self.cfg.eval_samples)
+        results = caption_retrieval(model, batch)
+        results.update({f"val_{key}": float(value) for key, value in model(**batch).items()})
+        return results
+
+
+def load_pretrained_qformer(model: VisionLanguageModel, run: str | Path) -> None:
+    """Start a VLM's `qformer` connector from a qformer-stage run: its queries and layers (the projection to
+    the LM starts anew). That Q-Former learnt to read one tower's features, so the VLM's tower must be
+    that tower (`vision_from` the same run, or the tower that run started from)."""
+    source = resolve_model_dir(run)
+    pretrained = QFormerPretrainer.from_pretrained(source)
+    ours, theirs = model.config.connector, pretrained.config.connector
+    if ours.name != "qformer":
+        raise ConfigError(f"connector_from: {source} holds a Q-Former, but model.connector.name is {ours.name!r}; "
+                          "set it to qformer")
+    differ = [f"{key} {getattr(theirs, key)} vs {getattr(ours, key)}"
+              for key in ("num_queries", "num_layers", "num_heads", "cross_attention_frequency")
+              if getattr(theirs, key) != getattr(ours, key)]
+    if pretrained.qformer.hidden_size != model.connector.qformer.hidden_size:
+        differ.append(f"hidden_size {pretrained.qformer.hidden_size} vs {model.connector.qformer.hidden_size}")
+    if differ:
+        raise ConfigError(f"connector_from: the Q-Former of {source} differs from model.connector "
+                          f"(the run's vs this model's): {', '.join(differ)}")
+    tower, trained_on = model.vision.state_dict(), pretrained.vision.state_dict()
+    features = ("select_layer", "keep_cls", "feature_norm")
+    same_tower = tower.keys() == trained_on.keys() and all(
+        tower[k].shape == v.shape and torch.equal(tower[k], v.to(tower[k].device)) for k, v in trained_on.items())
+    if not same_tower or any(getattr(model.config.vision, f) != getattr(pretrained.config.vision, f) for f in features):
+        raise ConfigError(f"connector_from: the Q-Former of {source} learnt to read another vision tower's features "
+                          f"than this model's ({', '.join(features)} and weights must match); start the tower from "
+                          f"the same run (vision_from: {run}) or from the one that run started from")
+    load_into(model.connector.qformer, pretrained.qformer.query_state_dict(), f"{source}: qformer")
+
+
 class VLMStage(Stage):
     """Shared by align and instruct: a VisionLanguageModel on conversations.
 
@@ -231,10 +336,12 @@ class VLMStage(Stage):
     by one row to match; see `model_config_from_parts`).
     """
 
-    starts_from = ("init_from", "vision_from")
+    starts_from = ("init_from", "vision_from", "connector_from")
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
+        if cfg.init_from and cfg.connector_from:
+            raise ConfigError("connector_from: a run started with init_from already has its connector; set one of them")
         if tokenizer.add_image_token():
             log.info("added %s to the tokenizer as id %d", tokenizer.image_token, tokenizer.image_id)
 
@@ -242,13 +349,12 @@ class VLMStage(Stage):
         if self.cfg.init_from:
             return VisionLanguageModel.from_pretrained(self.cfg.init_from)
         model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id)
-        if self.cfg.vision_from and model_cfg.vision.pretrained:
-            raise ConfigError("set either vision_from (a clip- or dense-stage run) or model.vision.pretrained, "
-                              "not both")
+        self.check_tower_source(model_cfg.vision)
         model = build_vlm(model_cfg)
         if self.cfg.vision_from:
-            source = resolve_model_dir(self.cfg.vision_from)
-            load_into(model.vision, tower_weights(source), f"{source}: vision")
+            load_tower_from_run(model.vision, self.cfg.vision_from)
+        if self.cfg.connector_from:
+            load_pretrained_qformer(model, self.cfg.connector_from)
         return model
 
     def records(self, name: str):

@@ -110,7 +110,8 @@ class Trainer:
         self.clock = StepClock(self.device)
 
     def _load_tokenizer(self) -> Tokenizer:
-        source = self.cfg.tokenizer or self.cfg.init_from or self.cfg.pretrained_lm or self.cfg.vision_from
+        cfg = self.cfg
+        source = cfg.tokenizer or cfg.init_from or cfg.pretrained_lm or cfg.vision_from or cfg.connector_from
         if source is None:
             raise ValueError("no tokenizer: set `tokenizer:` to a directory with tokenizer.json")
         return Tokenizer.load(resolve_model_dir(source))
@@ -228,6 +229,7 @@ class Trainer:
         record = {
             "step": self.state.step,
             "loss": window["loss"] / max(1, window["steps"]),
+            **self.stage.loss_terms(),  # its parts, for stages with several (qformer: itc, itm, itg)
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": window["tokens"] / elapsed,
             "samples_per_s": window["samples"] / elapsed,

@@ -10,6 +10,7 @@ from vlmkit.models.connectors.base import Connector, GridEmbedding
 from vlmkit.models.connectors.c_abstractor import CAbstractor
 from vlmkit.models.connectors.perceiver import Perceiver
 from vlmkit.models.connectors.projectors import Linear, MLP2xGELU, PixelShuffle
+from vlmkit.models.connectors.qformer import QFormerConnector
 
 __all__ = ["CONNECTORS", "Connector", "GridEmbedding", "build_connector"]
 
@@ -19,6 +20,7 @@ CONNECTORS: dict[str, type[Connector]] = {
     "pixel_shuffle": PixelShuffle,
     "perceiver": Perceiver,
     "c_abstractor": CAbstractor,
+    "qformer": QFormerConnector,
 }
 
 
