@@ -138,10 +138,9 @@ class QFormerConnector(Connector):
     Reads every feature position the tower passes on (a CLS token with `vision.keep_cls` too, as BLIP-2).
     """
 
+    has_token_grid = False
+
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int = 0):
-        if cfg.grid_embedding:
-            raise ConfigError("connector.grid_embedding: the qformer connector's tokens have no grid layout; "
-                              "set it to false")
         super().__init__(cfg, vision_dim, lm_dim, num_prefix_tokens)
         self.qformer = QFormer(cfg, vision_dim)
         self.projection = nn.Linear(self.qformer.hidden_size, lm_dim)
