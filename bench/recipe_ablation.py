@@ -192,7 +192,7 @@ def table(rows: list[dict]) -> str:
         cells = [row["variant"], row["what"], " + ".join(f"{s} {n}" for s, n in row["steps"].items()),
                  f"{r['vqa_accuracy']:.3f}", *(f"{by_type.get(t, float('nan')):.2f}" for t in COLUMNS),
                  f"{pope.get('f1', 0):.3f} ({pope.get('yes_ratio', 0):.2f})",
-                 f"{r.get('grounding', {}).get('acc@0.5', 0):.3f}",
+                 f"{r.get('grounding', {}).get('acc50', 0):.3f}",
                  f"{r.get('compositional', {}).get('vqa_accuracy', float('nan')):.3f}",
                  f"{r.get('variants', {}).get('vqa_accuracy', float('nan')):.3f}",
                  f"{sum(row['train_seconds'].values()):.0f}",
