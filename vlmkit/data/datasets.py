@@ -257,6 +257,10 @@ class ConversationDataset(_SkippingDataset):
         """Token length of every sample (image placeholders included), for length-grouped batching."""
         return np.diff(self._offsets)
 
+    @property
+    def images_per_sample(self) -> np.ndarray:
+        return np.array([len(images) for images in self._images], dtype=np.int64)
+
     @classmethod
     def from_records(
         cls,

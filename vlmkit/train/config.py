@@ -14,6 +14,8 @@ import yaml
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
 
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
 
 @dataclass
 class DataConfig:
@@ -107,7 +109,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "bf16"  # bf16 (autocast) | fp32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (several processes: each takes cuda:LOCAL_RANK)
+    # How several processes (started by torchrun) share the training: ddp (replicas, gradients averaged)
+    # | fsdp (parameters, gradients and optimizer state sharded) | none (one process) | auto (ddp when
+    # torchrun started more than one process, else none). See vlmkit/train/distributed.py.
+    strategy: str = "auto"
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
@@ -117,6 +123,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp32']")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r} is not one of {list(STRATEGIES)}")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
             raise ConfigError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
         self.optim.betas = tuple(self.optim.betas)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vlmkit.config import ConfigError, VisionConfig, from_dict, to_dict
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import collate, collate_image_text
 from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
 from vlmkit.data.images import ImageProcessor
@@ -49,6 +50,10 @@ class Stage:
     # Run-config keys that may name an earlier stage of a recipe whose model this stage starts from.
     starts_from: tuple[str, ...] = ("init_from",)
     needs_tokenizer = True
+    # Whether a batch may be split across processes (strategy ddp / fsdp): each computes the loss on its
+    # share and the shares are weighted by `loss_count`. Not for losses that compare the samples of a
+    # batch with each other (contrastive): a share alone does not give them.
+    splits_across_ranks = True
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         self.cfg = cfg
@@ -74,6 +79,19 @@ class Stage:
     def loss_terms(self) -> dict[str, float]:
         """Parts of the loss logged beside it: their means over the micro-batches since the last call."""
         return {}
+
+    def loss_count(self, batch: dict) -> int | None:
+        """What the loss is a mean over in `batch`, when that is not its samples (the VLM stages: labelled
+        tokens). A batch split across processes weighs each share's loss by it, so that the gradient is
+        the whole batch's."""
+        return None
+
+    def may_skip_weights(self, model: nn.Module, train_set) -> bool:
+        """Whether a batch's loss may leave trainable weights without a gradient (e.g. a text-only batch
+        skips the connector, a trained tower its blocks past the selected layer). DDP then looks for
+        unused weights at every step, and FSDP reduces zeros for them, so that processes whose shares
+        use different weights stay in step."""
+        return any(tower_skips_weights(m) for m in model.modules() if isinstance(m, ViT))
 
     def start_tower_model(self, model: TowerModel) -> TowerModel:
         """A tower-pretraining model starts from a run of its own stage (`init_from`), else its tower
@@ -119,6 +137,14 @@ def stage_class(name: str) -> type[Stage]:
     return STAGES[name]
 
 
+def tower_skips_weights(tower: ViT) -> bool:
+    """Whether a trained tower has weights its features never reach: blocks past the selected layer, or
+    a final norm the features skip."""
+    cfg = tower.config
+    unused = cfg.num_selected_blocks < cfg.num_layers or (tower.post_layernorm is not None and not cfg.feature_norm)
+    return unused and any(p.requires_grad for p in tower.parameters())
+
+
 def load_tower_from_run(vision: ViT, run: str | Path) -> None:
     """Load the vision tower of an earlier run (any vlmkit model directory holding one) into `vision`."""
     source = resolve_model_dir(run)
@@ -130,6 +156,7 @@ class ClipStage(Stage):
     name = "clip"
     trains = "a vision tower + a small text tower, contrastive (symmetric InfoNCE); everything trains"
     reads = "image-caption pairs (JSON Lines)"
+    splits_across_ranks = False  # each image against every caption of the whole batch
 
     def build_model(self) -> DualEncoder:
         vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id or 0).vision
@@ -193,6 +220,9 @@ class DenseStage(Stage):
     trains = "the vision tower + per-cell heads (objectness, attributes, box); everything trains"
     reads = "object annotations (shapes-world scenes.jsonl), or scenes generated on the fly"
     needs_tokenizer = False
+    # Split across processes, each share's loss is weighted by its samples: exactly the whole batch's
+    # for the objectness term (a mean over all cells), close for the attribute and box terms (means over
+    # each share's own object cells).
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None):
         super().__init__(cfg, tokenizer)
@@ -392,6 +422,13 @@ class VLMStage(Stage):
     def collate(self, batch: list) -> dict:
         return collate(batch, self.tokenizer.pad_id)
 
+    def loss_count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the next-token targets the loss averages
+
+    def may_skip_weights(self, model: VisionLanguageModel, train_set) -> bool:
+        # A sample without an image skips the tower and the connector.
+        return super().may_skip_weights(model, train_set) or not every_sample_has_an_image(train_set)
+
     def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
         # Right padding + causal attention: padding never influences real tokens, so no mask is
         # needed and the fast causal kernel is used.
@@ -410,6 +447,12 @@ class VLMStage(Stage):
             total += float(self.loss(model, batch))
             batches += 1
         return {"val_loss": total / max(1, batches), "val_samples": n}
+
+
+def every_sample_has_an_image(dataset) -> bool:
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return all(every_sample_has_an_image(part) for part in dataset.datasets)
+    return len(dataset) > 0 and int(dataset.images_per_sample.min()) > 0
 
 
 @register
