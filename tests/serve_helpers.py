@@ -38,7 +38,7 @@ def save_tiny_vlm(directory: Path, tokenizer, seed: int = 0, **overrides) -> Vis
     return model
 
 
-def train_box_model(directory: Path, tokenizer, steps: int = 150) -> VisionLanguageModel:
+def train_box_model(directory: Path, tokenizer, steps: int = 80) -> VisionLanguageModel:
     """A tiny VLM taught (in a few seconds) to answer BOX_QUESTION about any image with BOX_ANSWER: a real
     model whose answer holds a box, for the web page's overlay."""
     torch.manual_seed(0)
