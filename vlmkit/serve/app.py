@@ -147,17 +147,18 @@ def create_app(engine: Engine, limits: ImageLimits | None = None) -> FastAPI:
     return app
 
 
-async def _complete(engine: Engine, job: Job, events: asyncio.Queue[Event], request: Request) -> JSONResponse:
+async def _complete(engine: Engine, job: Job, events: asyncio.Queue[Event], request: Request) -> Response:
     text = []
+    getter: asyncio.Task | None = None
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            getter = getter or asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter}, timeout=1.0)
+            if not done:  # nothing yet: is the client still there?
                 if await request.is_disconnected():
-                    job.cancel()
-                    return JSONResponse({}, status_code=499)
+                    return Response(status_code=499)  # nobody reads it; the job is cancelled below
                 continue
+            event, getter = getter.result(), None
             if event.kind == "error":
                 return error_response(api_error_for(event))
             text.append(event.text)
@@ -165,7 +166,9 @@ async def _complete(engine: Engine, job: Job, events: asyncio.Queue[Event], requ
                 return JSONResponse(completion_body(new_completion_id(), engine.model_id, now(), "".join(text),
                                                     event.finish_reason, len(job.prompt), event.completion_tokens))
     finally:
-        job.cancel()  # no-op once done; frees the slot if this handler was cancelled
+        if getter is not None:
+            getter.cancel()
+        job.cancel()  # no-op once done; frees the slot if the client left or this handler was cancelled
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
