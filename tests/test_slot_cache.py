@@ -22,10 +22,7 @@ def run_continuous(lm: LanguageModel, inputs, new_tokens: list[int], num_slots: 
     """Greedy continuous batching: request i is admitted at the first step >= arrivals[i] with a free slot,
     runs `new_tokens[i]` tokens, then frees its slot. ``inputs(requests)`` gives the left-padded prefill
     of the requests admitted together: (embeds [n, L, D], mask [n, L], layer context or None)."""
-    cache = lm.new_slot_cache(num_slots, 512)
-    cache.reserve(0)
-    cache.keys = [k[:, :, :initial_length] for k in cache.keys]  # start small: growth is exercised
-    cache.values = [v[:, :, :initial_length] for v in cache.values]
+    cache = lm.new_slot_cache(num_slots, 512, initial_length=initial_length)  # small: growth is exercised
     out: list[list[int]] = [[] for _ in new_tokens]
     active: dict[int, int] = {}  # slot -> request
     waiting = list(range(len(new_tokens)))

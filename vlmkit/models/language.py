@@ -134,9 +134,9 @@ class SlotCache:
         if num_slots < 1 or max_length < 1:
             raise ValueError(f"a slot cache needs num_slots >= 1 and max_length >= 1, got {num_slots}, {max_length}")
         self.num_slots, self.max_length = num_slots, max_length
-        self._shape = (num_slots, cfg.num_kv_heads, min(initial_length, max_length), cfg.head_dim)
-        self.keys = [torch.zeros(self._shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(self._shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        shape = (num_slots, cfg.num_kv_heads, min(initial_length, max_length), cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.lengths = [0] * num_slots  # positions filled in each slot
         self.contexts: list[LayerContext | None] = [None] * num_slots
 
@@ -317,9 +317,11 @@ class LanguageModel(nn.Module):
         weight = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length, device or weight.device, dtype or weight.dtype)
 
-    def new_slot_cache(self, num_slots: int, max_length: int, device=None, dtype=None) -> SlotCache:
+    def new_slot_cache(self, num_slots: int, max_length: int, device=None, dtype=None,
+                       initial_length: int = 64) -> SlotCache:
         weight = self.embed_tokens.weight
-        return SlotCache(self.config, num_slots, max_length, device or weight.device, dtype or weight.dtype)
+        return SlotCache(self.config, num_slots, max_length, device or weight.device, dtype or weight.dtype,
+                         initial_length)
 
     @torch.no_grad()
     def prefill_slots(self, cache: SlotCache, slots: Sequence[int], inputs_embeds: torch.Tensor,
