@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
     "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava format"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
+    "serve": ("vlmkit.commands.serve", "serve a model over HTTP (OpenAI Chat Completions API, web page)"),
 }
 
 

@@ -33,21 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.data.images import load_image
     from vlmkit.device import resolve_device
     from vlmkit.eval.generation import Answerer
-    from vlmkit.hf.pretrained import load_language_model, load_tokenizer, read_config
-    from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+    from vlmkit.hf.pretrained import load_for_inference
+    from vlmkit.models.vlm import VisionLanguageModel
 
-    model_dir = resolve_model_dir(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
-                                "or a Hugging Face language model directory")
-    device = resolve_device(args.device)
-    if read_config(model_dir).get("format") == "vlmkit":
-        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
-    elif args.image:
+    model, tokenizer, model_dir = load_for_inference(args.model_dir, resolve_device(args.device))
+    if args.image and not isinstance(model, VisionLanguageModel):
         raise UserError(f"{model_dir} is a language model without a vision tower: --image needs a VLM")
-    else:
-        model = load_language_model(model_dir).to(device)
-    answerer = Answerer(model, load_tokenizer(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
+    answerer = Answerer(model, tokenizer, batch_size=1, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p)
     images = [answerer.processor.preprocess(load_image(path)) for path in args.image]
     torch.manual_seed(args.seed)

@@ -8,6 +8,8 @@ vision tower expects. ``processor(image)`` does both.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,8 @@ _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 class ImageError(ValueError):
     """An image file cannot be used; the message names the file and the reason.
 
-    `kind` is ``"missing"`` (no such file), ``"not_an_image"`` or ``"unreadable"`` (truncated,
-    corrupt, too large, no permission).
+    `kind` is ``"missing"`` (no such file), ``"not_an_image"``, ``"too_large"`` (over a pixel limit: see
+    `load_image_bytes`) or ``"unreadable"`` (truncated, corrupt, too large, no permission).
     """
 
     def __init__(self, message: str, *, path: str | Path | None = None, kind: str = "unreadable"):
@@ -61,6 +63,43 @@ def load_image(path: str | Path) -> Image.Image:
         raise
     except Exception as err:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
         raise fail(f"truncated or corrupt ({type(err).__name__}: {err})", "unreadable") from err
+
+
+# What `load_image_bytes` opens by default: the usual web formats. PIL's other plugins (EPS runs
+# Ghostscript, for one) have no place behind a network service.
+WEB_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+
+def load_image_bytes(data: bytes, *, max_pixels: int | None = None, formats: Sequence[str] | None = WEB_FORMATS,
+                     name: str = "image") -> Image.Image:
+    """Decode an image held in memory (e.g. received over the network) to RGB, as `load_image` does.
+
+    The size is checked against `max_pixels` from the header, before any pixel is decoded (PIL
+    reads it lazily), so a small file that would expand to gigabytes (a decompression bomb) is refused
+    cheaply. `formats`: the PIL formats allowed (None: all). Failures are `ImageError`s naming `name`.
+    """
+    def fail(reason: str, kind: str) -> ImageError:
+        return ImageError(f"cannot load {name}: {reason}", kind=kind)
+
+    try:
+        with Image.open(io.BytesIO(data), formats=None if formats is None else list(formats)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise fail(f"{width} x {height} = {width * height:,} pixels is more than the limit of "
+                           f"{max_pixels:,}", "too_large")
+            image.load()
+            return to_rgb(_upright(image))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        allowed = "" if formats is None else f" (accepted: {', '.join(formats)})"
+        raise fail(f"not an image file, or not of an accepted format{allowed}", "not_an_image") from None
+    except Image.DecompressionBombError as err:
+        raise fail(f"too large ({err})", "too_large") from None
+    except MemoryError:
+        raise
+    except Exception as err:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
+        raise fail(f"truncated or corrupt ({type(err).__name__}: {err})", "unreadable") from None
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -180,6 +180,24 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"
+                       ) -> tuple[VisionLanguageModel | LanguageModel, Tokenizer, Path]:
+    """What `vlmkit chat` and `vlmkit serve` answer with: a vlmkit model or training run directory (its
+    final model), or a Hugging Face language-model directory (text only). Returns the model in eval
+    mode on `device`, its tokenizer and the directory they came from."""
+    from vlmkit.models.checkpoint import resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
+                                "or a Hugging Face language model directory")
+    if read_config(model_dir).get("format") == VisionLanguageModel.FORMAT:
+        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    else:
+        model = load_language_model(model_dir).to(device)
+    return model.eval(), load_tokenizer(model_dir), model_dir
+
+
 # -- VLMs from pretrained parts ----------------------------------------------------------------
 
 

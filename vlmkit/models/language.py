@@ -73,6 +73,27 @@ class LayerContext:
         adapter = self.adapters[layer_index]
         return hidden if adapter is None else adapter(hidden, self.value, start)
 
+    # Continuous batching (`SlotCache`) keeps one context per sequence and stacks those of the sequences
+    # in a decode step. The value says how: ``value.rows()`` -> one value per batch row, as seen by decode
+    # steps (positions after the prefilled sequence); ``type(value).stack(values)`` -> one batch value, a
+    # row per entry (None: that row has no context, and the adapters must leave it unchanged).
+
+    def rows(self) -> list[LayerContext]:
+        """One context per batch row, for the decode steps after a prefill."""
+        if not hasattr(self.value, "rows"):
+            raise TypeError(f"{type(self.value).__name__} cannot be split per row (no rows()): this layer context "
+                            "does not support continuous batching")
+        return [LayerContext(self.adapters, value) for value in self.value.rows()]
+
+    @staticmethod
+    def stack(contexts: Sequence[LayerContext | None]) -> LayerContext | None:
+        """The contexts of several rows (from `rows`) as one batch context; None when no row has one."""
+        present = next((c for c in contexts if c is not None), None)
+        if present is None:
+            return None
+        values = [None if c is None else c.value for c in contexts]
+        return LayerContext(present.adapters, type(present.value).stack(values))
+
 
 class KVCache:
     """Keys/values for every layer, preallocated to `max_length` so decoding never reallocates.
@@ -95,6 +116,75 @@ class KVCache:
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class SlotCache:
+    """A KV cache whose rows ("slots") hold independent sequences, each of its own length: the state of
+    continuous batching, where sequences join and leave a running decode batch between steps.
+
+    `LanguageModel.prefill_slots` writes prompts into free slots; `LanguageModel.decode_slots` advances
+    any set of slots by one token each (every slot at its own position); `release` frees a slot for the
+    next sequence. Storage grows on demand (doubling, up to `max_length` positions), so memory follows
+    the longest live sequence rather than the model's context. Each slot also keeps the layer context
+    of its prefill (see `LayerContext.rows`), which its decode steps see.
+    """
+
+    def __init__(self, cfg: LanguageConfig, num_slots: int, max_length: int, device, dtype: torch.dtype,
+                 initial_length: int = 64):
+        if num_slots < 1 or max_length < 1:
+            raise ValueError(f"a slot cache needs num_slots >= 1 and max_length >= 1, got {num_slots}, {max_length}")
+        self.num_slots, self.max_length = num_slots, max_length
+        shape = (num_slots, cfg.num_kv_heads, min(initial_length, max_length), cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.lengths = [0] * num_slots  # positions filled in each slot
+        self.contexts: list[LayerContext | None] = [None] * num_slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (an error past `max_length`)."""
+        if length > self.max_length:
+            raise ValueError(f"KV cache overflow: {length} positions > max_length {self.max_length}")
+        if length <= self.capacity:
+            return
+        grown = min(self.max_length, max(length, 2 * self.capacity))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], grown, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    def release(self, slot: int) -> None:
+        """Free `slot` for another sequence (its stale keys are never read: lengths bound every read)."""
+        self.lengths[slot] = 0
+        self.contexts[slot] = None
+
+
+class _SlotStep:
+    """One decode step's view of a `SlotCache` (what `Attention` calls as its cache): each given slot
+    gets its new key/value at its own position and reads its own filled positions."""
+
+    def __init__(self, cache: SlotCache, slots: list[int]):
+        self.cache = cache
+        device = cache.keys[0].device
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.positions = torch.tensor([cache.lengths[s] for s in slots], dtype=torch.long, device=device)
+        self.length = max(cache.lengths[s] for s in slots) + 1  # keys read per row (rows mask their own)
+        cache.reserve(self.length)
+        # None when every row is at the same position: the plain kernel, exactly as a single sequence runs.
+        if len(set(self.positions.tolist())) == 1:
+            self.mask = None
+        else:
+            self.mask = (torch.arange(self.length, device=device)[None] <= self.positions[:, None])[:, None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slots, :, self.positions] = k[:, :, 0].to(keys.dtype)
+        values[self.slots, :, self.positions] = v[:, :, 0].to(values.dtype)
+        return keys[self.slots, :, : self.length], values[self.slots, :, : self.length]
 
 
 class Attention(nn.Module):
@@ -227,6 +317,63 @@ class LanguageModel(nn.Module):
         weight = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length, device or weight.device, dtype or weight.dtype)
 
+    def new_slot_cache(self, num_slots: int, max_length: int, device=None, dtype=None,
+                       initial_length: int = 64) -> SlotCache:
+        weight = self.embed_tokens.weight
+        return SlotCache(self.config, num_slots, max_length, device or weight.device, dtype or weight.dtype,
+                         initial_length)
+
+    @torch.no_grad()
+    def prefill_slots(self, cache: SlotCache, slots: Sequence[int], inputs_embeds: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, context: LayerContext | None = None) -> torch.Tensor:
+        """Run left-padded prompts [n, L, D] (`attention_mask` [n, L]) and write each row's keys/values
+        into its free slot of `cache`; returns the final normed hidden state of each row's last token [n, D].
+
+        Each slot receives only its row's real tokens, at positions 0.., as if prefilled alone; the
+        slot keeps the row's share of `context` for its decode steps.
+        """
+        n, width, _ = inputs_embeds.shape
+        if len(slots) != n:
+            raise ValueError(f"{n} prompts but {len(slots)} slots")
+        if attention_mask is None:
+            attention_mask = torch.ones(n, width, dtype=torch.long, device=inputs_embeds.device)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+        busy = [s for s in slots if cache.lengths[s]]
+        if busy:
+            raise ValueError(f"slots {busy} are in use: release them first")
+        lengths = attention_mask.long().sum(dim=1).tolist()
+        cache.reserve(max(lengths))
+        scratch = self.new_cache(n, width, dtype=cache.keys[0].dtype)
+        hidden = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), cache=scratch,
+                      context=context, logits=False).hidden_states[:, -1]
+        for layer in range(len(self.layers)):
+            for row, (slot, length) in enumerate(zip(slots, lengths)):
+                cache.keys[layer][slot, :, :length] = scratch.keys[layer][row, :, width - length :]
+                cache.values[layer][slot, :, :length] = scratch.values[layer][row, :, width - length :]
+        row_contexts = context.rows() if context is not None else [None] * n
+        for slot, length, row_context in zip(slots, lengths, row_contexts):
+            cache.lengths[slot], cache.contexts[slot] = length, row_context
+        return hidden
+
+    @torch.no_grad()
+    def decode_slots(self, cache: SlotCache, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        """Advance each of `slots` by one token (`token_ids` [n], one per slot, each at its slot's own
+        position); returns the final normed hidden states [n, D] (`lm_head` of them: next-token logits)."""
+        slots = list(slots)
+        empty = [s for s in slots if not cache.lengths[s]]
+        if empty:
+            raise ValueError(f"slots {empty} hold no sequence: prefill them first")
+        step = _SlotStep(cache, slots)
+        x = self.embed_tokens(token_ids.reshape(-1, 1))
+        cos, sin = self.rotary(step.positions[:, None], x.dtype)
+        context = LayerContext.stack([cache.contexts[s] for s in slots])
+        for layer in self.layers:
+            x = layer(x, cos, sin, step.mask, step, context)
+        for s in slots:
+            cache.lengths[s] += 1
+        return self.norm(x)[:, 0]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -316,7 +463,7 @@ class LanguageModel(nn.Module):
         new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            next_token = _pick(self.lm_head(hidden).float(), temperature, top_p, generator)
+            next_token = sample_next(self.lm_head(hidden).float(), temperature, top_p, generator)
             new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
             if eos_token_id is not None:
                 done |= next_token == eos_token_id
@@ -333,7 +480,9 @@ class LanguageModel(nn.Module):
         return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax when `temperature` <= 0, else temperature + nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
