@@ -16,8 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.commands.eval", "evaluate a trained model on a split"),
     "chat": ("vlmkit.commands.chat", "ask a trained model a question (optionally about an image)"),
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
+    "tokens": ("vlmkit.commands.tokens", "plan a token budget: visual tokens, KV cache, attention cost, frames"),
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
-    "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava format"),
+    "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava / LLaVA-NeXT format"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
     "serve": ("vlmkit.commands.serve", "serve a model over HTTP (OpenAI Chat Completions API, web page)"),
 }

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vlmkit.anyres import check_grid_pinpoints
+
 T = TypeVar("T")
 
 
@@ -33,14 +35,25 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, f"{where}.{name}")
+        section = _section_class(hint)
+        if section is not None and (value is not None or section is hint):  # `X | None` sections may be null
+            kwargs[name] = from_dict(section, value or {}, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _section_class(hint: Any) -> type | None:
+    """The dataclass a field holds: the hint itself, or X of an optional section `X | None`."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        return classes[0] if len(classes) == 1 else None
+    return None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -196,10 +209,30 @@ class ConnectorConfig:
 
 
 @dataclass
+class AnyResConfig:
+    """LLaVA-NeXT's AnyRes tiling (see vlmkit/anyres.py): each image is cut into `base`-pixel tiles at the
+    candidate resolution that fits it best, plus a thumbnail; its token count follows its size."""
+
+    grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)  # candidate [height, width]s, in px
+    base: int | None = None  # tile side in px (None: vision.image_size); a multiple of vision.patch_size
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes the tower's input: one resized square (the default), or AnyRes tiles.
+
+    A section of its own, not part of `vision`: the tower only ever sees squares; tiling decides what it
+    is shown and how the tiles' tokens are joined for the LM (with a learned newline token)."""
+
+    anyres: AnyResConfig | None = None
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     image_token_id: int = 0  # id of the image placeholder token in the tokenizer
     # How image tokens reach the LM (see models/fusion.py): "splice" writes them over the placeholders
     # (one placeholder per image token); "cross_attention" (Flamingo) keeps one placeholder per image
@@ -219,6 +252,21 @@ class ModelConfig:
         if self.fusion == "cross_attention" and self.cross_attention_every > self.lm.num_layers:
             raise ConfigError(f"model.cross_attention_every {self.cross_attention_every} is more than the LM's "
                               f"{self.lm.num_layers} layers: no cross-attention block would be placed")
+        anyres = self.image.anyres
+        if anyres is not None:
+            if anyres.base is None:
+                anyres.base = self.vision.image_size
+            base = anyres.base
+            if isinstance(base, bool) or not isinstance(base, int) or base < 1 or base % self.vision.patch_size:
+                raise ConfigError(f"model.image.anyres.base {anyres.base!r} must be a multiple of vision.patch_size "
+                                  f"{self.vision.patch_size}")
+            try:
+                anyres.grid_pinpoints = check_grid_pinpoints(anyres.grid_pinpoints, anyres.base, "model.image.anyres")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.vision.keep_cls:
+                raise ConfigError("model.image.anyres joins the tiles' patch grids: the CLS token has no place in "
+                                  "them; set vision.keep_cls: false")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:

@@ -37,20 +37,24 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     ``pixel_values`` [N_total, 3, H, W] (or, when image sizes differ, a list of N_total [3, H_i, W_i])
     or None when the batch has no image, ``image_counts`` [B]. Samples that carry ``image_features``
     (see `ConversationDataset.use_features`) give ``image_features`` [N_total, P, D] in place of
-    ``pixel_values``.
+    ``pixel_values``. AnyRes samples (with ``image_sizes``) give every image's tiles in place of its
+    image, and ``image_sizes`` [N_total, 2]: each image's original (height, width).
     """
     if not batch:
         raise ValueError("collate got an empty batch")
     input_ids = _pad([sample["input_ids"] for sample in batch], pad_id)
     key = "image_features" if any("image_features" in sample for sample in batch) else "pixel_values"
     images = [sample[key] for sample in batch if sample["num_images"]]
-    return {
+    out = {
         "input_ids": input_ids,
         "labels": _pad([sample["labels"] for sample in batch], IGNORE_INDEX),
         "attention_mask": _mask([len(sample["input_ids"]) for sample in batch], input_ids.shape[1]),
         key: _join_images(images),
         "image_counts": torch.tensor([sample["num_images"] for sample in batch], dtype=torch.long),
     }
+    if any("image_sizes" in sample for sample in batch):
+        out["image_sizes"] = torch.cat([sample["image_sizes"] for sample in batch if "image_sizes" in sample])
+    return out
 
 
 def collate_image_text(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

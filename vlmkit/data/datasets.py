@@ -16,7 +16,9 @@ compare). Each ``<image>`` tag in the text stands for the next image of that lis
 (gpt) turn: the model reads images, it does not write them (such a record is a ``bad_conversation``).
 The number of tags must equal the number of images, else the record is an ``image_count_mismatch``
 whose message names the record's index in the file and both counts. The files may differ in size:
-every image is resized to the processor's size.
+every image is resized to the processor's size, or, with a tiling (AnyRes) processor, cut into tiles
+whose number, like the image's token count, follows its original size (a record is then ``too_long``
+only once its images' sizes are known).
 
 LLaVA convention: a record that has images but no ``<image>`` tag anywhere in its text gets one
 ``<image>\\n`` per image prepended to its first human turn (LLaVA datasets often omit the tag).
@@ -60,6 +62,9 @@ class _ImageStore:
 
     With `cache`, the resized images are kept in one uint8 array [N, size, size, 3] (one block of
     memory is cheap to share with DataLoader workers); otherwise they are decoded on every read.
+    A tiling processor's images are runs of tiles: the array then holds every image's tiles, image
+    after image ([total tiles, size, size, 3]), `rows(i)` says which are image i's, and `sizes` holds
+    the original (height, width) of every image.
     """
 
     def __init__(self, root: str | Path, processor: ImageProcessor, cache: bool):
@@ -67,8 +72,10 @@ class _ImageStore:
         self.processor = processor
         self.cache = cache
         self.paths: list[Path] = []
+        self.sizes: list[tuple[int, int]] = []
         self._index: dict[Path, int] = {}
         self._pixels: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None  # tiling: image i's tiles are rows offsets[i]:offsets[i + 1]
 
     def add(self, name: str) -> int:
         # An absolute `name` replaces the root; normpath makes "a/./b.png" and "a/b.png" one image.
@@ -80,14 +87,20 @@ class _ImageStore:
 
     def check(self, workers: int | None) -> dict[int, RecordSkipped]:
         """Decode every image once (in threads: PIL releases the GIL); returns failures by index."""
-        if self.cache:
+        tiling = self.processor.tiling
+        if self.cache and not tiling:
             size = self.processor.size
             self._pixels = np.empty((len(self.paths), size, size, 3), dtype=np.uint8)
+        self.sizes = [(0, 0)] * len(self.paths)
+        tiles: list[np.ndarray | None] = [None] * len(self.paths)
 
         def visit(index: int) -> RecordSkipped | None:
             try:
                 image = load_image(self.paths[index])
-                if self._pixels is not None:
+                self.sizes[index] = (image.height, image.width)
+                if tiling and self.cache:
+                    tiles[index] = self.processor.tiles_uint8(image)[0]
+                elif self._pixels is not None:
                     self._pixels[index] = self.processor.to_uint8(image)
             except ImageError as err:
                 return RecordSkipped("missing_image" if err.kind == "missing" else "unreadable_image", str(err))
@@ -96,6 +109,11 @@ class _ImageStore:
         workers = workers or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(visit, range(len(self.paths))))
+        if tiling and self.cache:  # a failed image keeps no rows
+            s = self.processor.size
+            kept = [t if t is not None else np.empty((0, s, s, 3), dtype=np.uint8) for t in tiles]
+            self._offsets = np.concatenate([[0], np.cumsum([len(t) for t in kept])]).astype(np.int64)
+            self._pixels = np.concatenate(kept) if kept else np.empty((0, s, s, 3), dtype=np.uint8)
         return {index: skip for index, skip in enumerate(results) if skip is not None}
 
     def pixels(self, index: int) -> np.ndarray:
@@ -103,6 +121,20 @@ class _ImageStore:
         if self._pixels is not None:
             return self._pixels[index]
         return self.processor.to_uint8(load_image(self.paths[index]))
+
+    def rows(self, index: int) -> range:
+        """Rows of the cached array that belong to image `index` (one, unless tiling)."""
+        if self._offsets is None:
+            return range(index, index + 1)
+        return range(self._offsets[index], self._offsets[index + 1])
+
+    def tiles(self, index: int) -> np.ndarray:
+        """Image `index` as uint8 [n, size, size, 3]: its tiles when tiling, else [1, ...] (see `pixels`)."""
+        if not self.processor.tiling:
+            return self.pixels(index)[None]
+        if self._pixels is not None:
+            return self._pixels[self._offsets[index] : self._offsets[index + 1]]
+        return self.processor.tiles_uint8(load_image(self.paths[index]))[0]
 
 
 def _validate(
@@ -112,11 +144,13 @@ def _validate(
     parse: Callable[[Record], tuple[Any, list[str]]],
     store: _ImageStore,
     workers: int | None,
+    finish: Callable[[Any, list[int]], Any] | None = None,
 ) -> list[tuple[str, Any, list[int]]]:
     """The one validation path: `parse` checks a record's content, then its images are decoded.
 
-    `parse(record)` returns (item, image names) or raises `RecordSkipped`. Returns (source, item, image
-    indices) for the records that pass, and sets `report.kept`.
+    `parse(record)` returns (item, image names) or raises `RecordSkipped`; `finish(item, image indices)`,
+    when given, completes an item once its images are decoded (and may raise `RecordSkipped` too).
+    Returns (source, item, image indices) for the records that pass, and sets `report.kept`.
     """
     staged = []
     for record in records:
@@ -130,6 +164,11 @@ def _validate(
     kept = []
     for source, item, indices in staged:
         failure = next((failures[i] for i in indices if i in failures), None)
+        if failure is None and finish is not None:
+            try:
+                item = finish(item, indices)
+            except RecordSkipped as skip:
+                failure = skip
         if failure is not None:
             reject(report, source, failure, strict)
         else:
@@ -208,11 +247,28 @@ def _with_image_tags(data: dict[str, Any], num_images: int, tag: str) -> dict[st
     return data
 
 
+def _recount_images(ids: np.ndarray, labels: np.ndarray, image_id: int, each: int,
+                    counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and labels whose images each had `each` placeholders, with image k's run resized to `counts[k]`
+    (placeholders carry no loss, so their labels stay IGNORE_INDEX)."""
+    starts = np.flatnonzero(ids == image_id)[::each]
+    id_parts, label_parts, done = [], [], 0
+    for start, n in zip(starts, counts):
+        id_parts += [ids[done:start], np.full(n, image_id, dtype=ids.dtype)]
+        label_parts += [labels[done:start], np.full(n, IGNORE_INDEX, dtype=labels.dtype)]
+        done = start + each
+    return np.concatenate(id_parts + [ids[done:]]), np.concatenate(label_parts + [labels[done:]])
+
+
 class ConversationDataset(_SkippingDataset):
     """LLaVA-format conversations with their images, validated at load time (see the module doc).
 
     A sample is ``{"input_ids": [L], "labels": [L], "pixel_values": [n, 3, H, W], "num_images": n}``;
     batch samples with `collate`. Image paths are relative to `image_root` unless absolute.
+
+    With a tiling (AnyRes) `processor`, `image_tokens(height, width)` gives the token count of an image
+    of that original size, and a sample's ``pixel_values`` are all its images' tiles [n_tiles, 3, S, S],
+    with ``image_sizes`` [n, 2] (each image's original height and width).
     """
 
     def __init__(
@@ -228,9 +284,13 @@ class ConversationDataset(_SkippingDataset):
         records: Sequence[Record] | None = None,
         report: LoadReport | None = None,
         decode_workers: int | None = None,
+        image_tokens: Callable[[int, int], int] | None = None,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if processor.tiling and image_tokens is None:
+            raise ValueError("a tiling (AnyRes) image processor needs image_tokens(height, width), the token count "
+                             "of an image of that original size (VLMProcessor.image_tokens)")
         if records is None:
             if path is None:
                 raise ValueError("give a data file path or already-read records")
@@ -239,8 +299,10 @@ class ConversationDataset(_SkippingDataset):
             report = LoadReport(str(path or "<records>"), total=len(records), kept=len(records))
         self.chat, self.processor, self.max_length = chat, processor, max_length
         self.report = report
+        self._image_tokens = image_tokens if processor.tiling else None
         self._store = _ImageStore(image_root, processor, cache_images)
-        kept = _validate(records, report, strict, self._parse, self._store, decode_workers)
+        finish = self._count_tiled_images if self._image_tokens is not None else None
+        kept = _validate(records, report, strict, self._parse, self._store, decode_workers, finish)
         report.log_summary()
         self.sources = [source for source, _, _ in kept]
         self._images = [tuple(indices) for _, _, indices in kept]
@@ -273,11 +335,12 @@ class ConversationDataset(_SkippingDataset):
         strict: bool = False,
         cache_images: bool = True,
         decode_workers: int | None = None,
+        image_tokens: Callable[[int, int], int] | None = None,
     ) -> ConversationDataset:
         """Build from already-read records (e.g. `caption_records`), continuing their report."""
         path = report.path if report is not None else None
         return cls(path, image_root, chat, processor, max_length, strict, cache_images,
-                   records=records, report=report, decode_workers=decode_workers)
+                   records=records, report=report, decode_workers=decode_workers, image_tokens=image_tokens)
 
     def _parse(self, record: Record) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
         data = record.data
@@ -295,14 +358,25 @@ class ConversationDataset(_SkippingDataset):
                                 f"{which} has {encoded.num_images} {self.chat.tok.image_token} placeholder(s) in "
                                 f"its text but {len(names)} image(s) in its 'image' field; give one placeholder "
                                 "per image, in the order of the list")
-        if len(encoded.input_ids) > self.max_length:
+        if self._image_tokens is None and len(encoded.input_ids) > self.max_length:  # tiling: see finish
             raise RecordSkipped("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
         ids = np.asarray(encoded.input_ids, dtype=np.int32)
         return (ids, np.asarray(encoded.labels, dtype=np.int32)), names
 
+    def _count_tiled_images(self, item: tuple[np.ndarray, np.ndarray], images: list[int]):
+        """AnyRes: once the images' original sizes are known, each gets its own token count."""
+        ids, labels = item
+        if images:
+            counts = [self._image_tokens(*self._store.sizes[k]) for k in images]
+            ids, labels = _recount_images(ids, labels, self.chat.tok.image_id, self.chat.image_tokens, counts)
+        if len(ids) > self.max_length:
+            raise RecordSkipped("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
+        return ids, labels
+
     @property
     def image_pixels(self) -> np.ndarray:
-        """The resized uint8 images [N, size, size, 3] of the dataset's distinct image files (cached)."""
+        """The resized uint8 images [N, size, size, 3] of the dataset's distinct image files (cached);
+        tiling: every image's tiles, image after image [N_tiles, size, size, 3]."""
         if self._store._pixels is None:
             raise ValueError("image_pixels needs a dataset built with cache_images=True")
         return self._store._pixels
@@ -310,31 +384,29 @@ class ConversationDataset(_SkippingDataset):
     def use_features(self, features: torch.Tensor) -> None:
         """Serve ``image_features`` (rows of `features` [N, P, D], one per `image_pixels` row) instead of
         pixels, e.g. a frozen tower's output computed once (see `vlmkit.train.features`)."""
-        if features.shape[0] != len(self._store.paths):
-            raise ValueError(f"{features.shape[0]} feature rows for {len(self._store.paths)} images")
+        rows = len(self.image_pixels) if self.processor.tiling else len(self._store.paths)
+        if features.shape[0] != rows:
+            what = "tiles" if self.processor.tiling else "images"
+            raise ValueError(f"{features.shape[0]} feature rows for {rows} {what}")
         self._features = features
 
     def _sample(self, index: int) -> dict[str, Any]:
         start, end = self._offsets[index], self._offsets[index + 1]
+        images = self._images[index]
+        sample: dict[str, Any] = {"input_ids": torch.from_numpy(self._ids[start:end]).long(),
+                                  "labels": torch.from_numpy(self._labels[start:end]).long(),
+                                  "num_images": len(images)}
+        if self.processor.tiling:
+            sample["image_sizes"] = torch.tensor([self._store.sizes[k] for k in images], dtype=torch.long).view(-1, 2)
         if self._features is not None:
-            rows = list(self._images[index])
-            return {
-                "input_ids": torch.from_numpy(self._ids[start:end]).long(),
-                "labels": torch.from_numpy(self._labels[start:end]).long(),
-                "image_features": self._features[rows],
-                "num_images": len(rows),
-            }
-        pixels = [self._store.pixels(k) for k in self._images[index]]  # first: this may raise ImageError
-        if pixels:
-            pixel_values = self.processor.normalize(np.stack(pixels))
+            sample["image_features"] = self._features[[row for k in images for row in self._store.rows(k)]]
+            return sample
+        tiles = [self._store.tiles(k) for k in images]  # first: this may raise ImageError
+        if tiles:
+            sample["pixel_values"] = self.processor.normalize(np.concatenate(tiles))
         else:
-            pixel_values = torch.zeros(0, 3, self.processor.size, self.processor.size)
-        return {
-            "input_ids": torch.from_numpy(self._ids[start:end]).long(),
-            "labels": torch.from_numpy(self._labels[start:end]).long(),
-            "pixel_values": pixel_values,
-            "num_images": len(pixels),
-        }
+            sample["pixel_values"] = torch.zeros(0, 3, self.processor.size, self.processor.size)
+        return sample
 
 
 class ImageTextDataset(_SkippingDataset):
@@ -360,6 +432,9 @@ class ImageTextDataset(_SkippingDataset):
     ):
         if max_text_length < 1:
             raise ValueError(f"max_text_length must be >= 1, got {max_text_length}")
+        if processor.tiling:
+            raise ValueError("image-caption pairs take one resized square per image: give a processor without "
+                             "grid_pinpoints")
         self.tokenizer, self.processor, self.max_text_length = tokenizer, processor, max_text_length
         records, self.report = read_record_file(path, strict)
         self._store = _ImageStore(image_root, processor, cache_images)

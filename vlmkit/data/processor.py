@@ -5,6 +5,11 @@ It owns the tokenizer, the chat template (a `ChatFormat`), the image preprocessi
 answer as a function of the preprocessed image's height and width (`image_token_count`), so every
 `<image>` expands to its own image's count and images of different sizes can share a batch.
 
+A model with AnyRes tiling (``model.image.anyres``) is different in one way: `preprocess` gives `Tiles`
+(the thumbnail and the grid's tiles, with the original size), and the size that decides an image's
+token count is its *original* (height, width), before tiling (`size_of` gives the right one for
+either kind).
+
 Nothing in vlmkit.data imports vlmkit.models: `for_model` reads the model by duck typing
 (``model.config.vision`` and ``model.image_token_count``).
 """
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 
 from vlmkit.data.chat import ChatFormat, Encoded
-from vlmkit.data.images import ImageInput, ImageProcessor
+from vlmkit.data.images import ImageInput, ImageProcessor, Tiles
 from vlmkit.data.tokenizer import Tokenizer
 
 __all__ = ["VLMProcessor"]
@@ -27,8 +32,8 @@ class VLMProcessor:
     """Tokenizer + chat template + image preprocessing + image token counts, for one model.
 
     `token_count(height, width)` is the number of image tokens a preprocessed image of that size
-    becomes; `image_processor` and `token_count` are both None for a text-only model, whose
-    conversations may not contain images.
+    becomes (for a tiling `image_processor`: an image of that original size); `image_processor` and
+    `token_count` are both None for a text-only model, whose conversations may not contain images.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None,
@@ -49,7 +54,7 @@ class VLMProcessor:
         vision = getattr(model.config, "vision", None)
         if vision is None:
             return cls.text_only(tokenizer, system_prompt)
-        return cls(tokenizer, ImageProcessor.from_vision_config(vision), model.image_token_count, system_prompt)
+        return cls(tokenizer, ImageProcessor.from_model_config(model.config), model.image_token_count, system_prompt)
 
     @classmethod
     def text_only(cls, tokenizer: Tokenizer, system_prompt: str | None = None) -> VLMProcessor:
@@ -69,22 +74,43 @@ class VLMProcessor:
         """The token that closes an assistant turn (generation stops there)."""
         return self.chat.end_of_turn_id
 
+    @property
+    def tiling(self) -> bool:
+        """Whether images become AnyRes `Tiles` (counted by their original size)."""
+        return self.image_processor is not None and self.image_processor.tiling
+
     def image_tokens(self, height: int, width: int) -> int:
-        """How many tokens a preprocessed `height` x `width` image becomes."""
+        """How many tokens a preprocessed `height` x `width` image becomes (tiling: an original one)."""
         self._need_vision()
         return self._token_count(height, width)
 
-    def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
-        """An image or image path -> float32 [3, size, size] (`size`: default the configured size)."""
+    def preprocess(self, image: ImageInput, size: int | None = None) -> torch.Tensor | Tiles:
+        """An image or image path -> float32 [3, size, size] (`size`: default the configured size); with
+        AnyRes tiling, its `Tiles` (`size` must then be left unset: the tiles have the model's size)."""
         self._need_vision()
+        if self.tiling:
+            if size is not None:
+                raise ValueError(f"this model cuts images into {self.image_processor.size} px AnyRes tiles: "
+                                 "preprocess takes no size")
+            return self.image_processor.tiles(image)
         return self.image_processor(image, size)
+
+    def size_of(self, image: torch.Tensor | Tiles) -> tuple[int, int]:
+        """The (height, width) that decides a `preprocess` output's token count: a tensor's own size, or
+        the original size of `Tiles`."""
+        if isinstance(image, Tiles) != self.tiling:
+            if self.tiling:
+                raise ValueError("this model cuts images into AnyRes tiles: give it VLMProcessor.preprocess's Tiles, "
+                                 f"not a tensor of shape {tuple(image.shape)}")
+            raise ValueError("this model takes one resized image per <image>, not AnyRes Tiles")
+        return image.size if isinstance(image, Tiles) else tuple(image.shape[-2:])
 
     def encode(self, conversation: Any, add_generation_prompt: bool = False, *,
                image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """Token ids, labels and per-image token counts of a conversation (shapes as `ChatFormat.encode`).
 
-        `image_sizes` are the preprocessed (height, width) of its images in reading order; default:
-        every image at the configured size.
+        `image_sizes` are the preprocessed (height, width) of its images in reading order (tiling:
+        the original sizes; see `size_of`); default: every image at the configured size.
         """
         counts = None if image_sizes is None else [self.image_tokens(h, w) for h, w in image_sizes]
         return self.chat.encode(conversation, add_generation_prompt, image_tokens=counts)
@@ -92,7 +118,7 @@ class VLMProcessor:
     def prompt(self, question: str, with_image: bool = True, image_size: tuple[int, int] | None = None, *,
                image_sizes: Sequence[tuple[int, int]] | None = None) -> Encoded:
         """A single-turn prompt ending with the assistant header, as `ChatFormat.prompt`; `image_size`:
-        the image's preprocessed (height, width), default the configured size. For a question about
+        the image's preprocessed (height, width) (tiling: original), default the configured size. For a question about
         several images (or none), `image_sizes` gives each one's (height, width) in order instead of
         `with_image` / `image_size`."""
         if image_sizes is not None:

@@ -7,20 +7,24 @@ from pathlib import Path
 
 import torch
 
-from vlmkit.data.images import load_image
+from vlmkit.data.images import Tiles, load_image
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vlm import VisionLanguageModel
 
-# What one question is about: nothing, one preprocessed image [3, H, W], or several in reading order.
-QuestionImages = torch.Tensor | Sequence[torch.Tensor] | None
+# What one question is about: nothing, one preprocessed image ([3, H, W], or AnyRes `Tiles`), or several
+# in reading order.
+Image = torch.Tensor | Tiles
+QuestionImages = Image | Sequence[Image] | None
 
 
-def _image_list(entry: QuestionImages) -> list[torch.Tensor]:
+def _image_list(entry: QuestionImages) -> list[Image]:
     if entry is None:
         return []
+    if isinstance(entry, Tiles):
+        return [entry]
     if torch.is_tensor(entry):
         if entry.dim() != 3:
             raise ValueError(f"expected a preprocessed image [3, H, W], got shape {tuple(entry.shape)}; pass several "
@@ -57,8 +61,9 @@ class Answerer:
         self.device = next(model.parameters()).device
 
     def answer(self, questions: Sequence[str], images: Sequence[QuestionImages]) -> list[str]:
-        """`images[i]` is what question i is about: None (text only), one preprocessed [3, H, W] tensor, or
-        a sequence of them (several images, e.g. two scenes to compare; sizes may differ). Images come
+        """`images[i]` is what question i is about: None (text only), one preprocessed image (a [3, H, W]
+        tensor, or `Tiles` for an AnyRes model: what `processor.preprocess` gives), or a sequence of them
+        (several images, e.g. two scenes to compare; sizes may differ). Images come
         before the question, one line each, unless the question holds its own `<image>` tags (one per
         image), which place them (see `ChatFormat.prompt`). Pass the same tensor object for questions
         about one image: it then goes through the vision tower once per call (its image tokens are kept
@@ -66,7 +71,7 @@ class Answerer:
         if len(images) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(images)} image entries; give one per question")
         per_question = [_image_list(entry) for entry in images]
-        prompts = [self.processor.prompt(q, image_sizes=[tuple(img.shape[-2:]) for img in imgs]).input_ids
+        prompts = [self.processor.prompt(q, image_sizes=[self.processor.size_of(img) for img in imgs]).input_ids
                    for q, imgs in zip(questions, per_question)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
@@ -91,18 +96,20 @@ class Answerer:
                 answers[i] = self.tok.decode(tokens).strip()
         return answers
 
-    def _image_tokens(self, pixels: list[torch.Tensor],
-                      encoded: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
-        """Image tokens ([T_i, D] each) for `pixels`, encoding only tensors not already in `encoded`."""
+    def _image_tokens(self, pixels: list[Image], encoded: dict[int, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Image tokens ([T_i, D] each) for `pixels`, encoding only images not already in `encoded`."""
         if not pixels:
             return None
         new = list({id(p): p for p in pixels if id(p) not in encoded}.values())
         if new:
-            # One size: one stacked batch; several: a list, which the model groups by size.
-            same_size = len({p.shape for p in new}) == 1
-            batch = torch.stack(new).to(self.device) if same_size else [p.to(self.device) for p in new]
-            for p, tokens in zip(new, self.model.encode_images(batch)):
-                encoded[id(p)] = tokens
+            if isinstance(new[0], Tiles):  # AnyRes: every image's tiles in one tower pass
+                tiles = torch.cat([p.pixels for p in new]).to(self.device)
+                tokens = self.model.encode_images(tiles, image_sizes=[p.size for p in new])
+            else:  # one size: one stacked batch; several: a list, which the model groups by size
+                same_size = len({p.shape for p in new}) == 1
+                batch = torch.stack(new).to(self.device) if same_size else [p.to(self.device) for p in new]
+                tokens = self.model.encode_images(batch)
+            encoded.update((id(p), image_tokens) for p, image_tokens in zip(new, tokens))
         return [encoded[id(p)] for p in pixels]
 
     def answer_records(self, records: Sequence[dict], image_root: str | Path) -> list[str]:

@@ -391,12 +391,14 @@ class VLMStage(Stage):
         return read_records(self.data_path(name), strict=self.cfg.data.strict)
 
     def make_dataset(self, model: VisionLanguageModel, records) -> ConversationDataset:
-        # The dataset resizes every image to the configured size, so each <image> gets that size's count.
+        # The dataset resizes every image to the configured size, so each <image> gets that size's count;
+        # AnyRes tiles instead, and counts each image by its own size.
         processor = VLMProcessor.for_model(model, self.tokenizer)
         records, report = records
         return ConversationDataset.from_records(
             records, report, self.cfg.data.root, processor.chat, processor.image_processor,
-            max_length=self.cfg.data.max_length, strict=self.cfg.data.strict)
+            max_length=self.cfg.data.max_length, strict=self.cfg.data.strict,
+            image_tokens=processor.image_tokens if processor.tiling else None)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train = self.make_dataset(model, self.records(self.cfg.data.train))
@@ -434,7 +436,7 @@ class VLMStage(Stage):
         # needed and the fast causal kernel is used.
         return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                      image_counts=batch["image_counts"], logits=False,
-                     image_features=batch.get("image_features")).loss
+                     image_features=batch.get("image_features"), image_sizes=batch.get("image_sizes")).loss
 
     @torch.no_grad()
     def evaluate(self, model: VisionLanguageModel, val) -> dict:
@@ -458,13 +460,15 @@ def every_sample_has_an_image(dataset) -> bool:
 @register
 class AlignStage(VLMStage):
     name = "align"
-    trains = "the connector and the fusion's blocks, if any (vision tower and LM frozen)"
+    trains = "the connector and the fusion's blocks, if any, + AnyRes' newline (vision tower and LM frozen)"
     reads = "image-caption pairs, as \"Describe the image.\" -> caption"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model, False)
         freeze(model.connector, True)
         freeze(model.fusion, True)  # a fusion's adapters (none for splice) train with the connector
+        if model.anyres is not None:
+            freeze(model.anyres, True)  # AnyRes' newline embedding, too (as LLaVA-NeXT)
 
     def records(self, name: str):
         return caption_records(self.data_path(name), prompt=self.cfg.data.caption_prompt, strict=self.cfg.data.strict)
@@ -481,6 +485,8 @@ class InstructStage(VLMStage):
         freeze(model.vision, self.cfg.optim.train_vision)
         freeze(model.connector, True)
         freeze(model.fusion, True)
+        if model.anyres is not None:
+            freeze(model.anyres, True)
         freeze(model.lm, self.cfg.optim.train_lm)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:

@@ -44,6 +44,7 @@ from vlmkit.data.shapes_world.spec import (
     BACKGROUND_KINDS,
     DEFAULT_HOLDOUT,
     EXTRA_COLORS,
+    HIRES_IMAGE_SIZE,
     PALETTE,
     QA,
     QUESTION_TYPES,
@@ -55,6 +56,7 @@ from vlmkit.data.shapes_world.spec import (
     SceneObject,
     SceneSpec,
     drawn_px,
+    hires_spec,
 )
 
 __all__ = [
@@ -89,6 +91,8 @@ __all__ = [
     "OBJECT_LIST_PROMPTS",
     "RECORD_STYLES",
     "drawn_px",
+    "hires_spec",
+    "HIRES_IMAGE_SIZE",
     "grounding_qa",
     "identify_qa",
     "MULTI_QUESTION_TYPES",
