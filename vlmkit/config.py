@@ -78,6 +78,19 @@ def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -
 
 
 @dataclass
+class TokenMergingConfig:
+    """ToMe in the vision tower (see models/token_merging.py): `r` tokens merged away per block."""
+
+    r: int = 0  # 0: no merging, the plain ViT
+    proportional_attention: bool = True  # add log(size) to the attention logits of merged tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ConfigError(f"vision.token_merging.r: expected an integer >= 0 (tokens merged per block), "
+                              f"got {self.r!r}")
+
+
+@dataclass
 class VisionConfig:
     """A ViT. Defaults are a tiny from-scratch tower; loaders fill in CLIP/SigLIP/DINOv2 values."""
 
@@ -111,8 +124,12 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pretrained: str | None = None  # the HF checkpoint directory a VLM's tower is built from (see hf/pretrained.py)
+    # Token merging (ToMe): fewer, size-weighted tokens after each block; r = 0 leaves the tower as it is.
+    token_merging: TokenMergingConfig = field(default_factory=TokenMergingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.token_merging, dict):
+            self.token_merging = from_dict(TokenMergingConfig, self.token_merging, "vision.token_merging")
         _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
         _check_choice("vision", "stem", self.stem, ("patchify", "conv"))
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
@@ -145,6 +162,10 @@ class VisionConfig:
     def num_selected_blocks(self) -> int:
         """How many blocks must run to produce the selected layer (later ones are skipped)."""
         return self.select_layer % (self.num_layers + 1)
+
+    @property
+    def merges_tokens(self) -> bool:
+        return self.token_merging.r > 0
 
 
 @dataclass

@@ -35,14 +35,18 @@ def data_root_of(run_dir: Path) -> Path:
 
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, token_merging: int | None = None) -> dict:
     """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
     present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
-    directory) and return the results. Question records may name one image or a list of images."""
+    directory) and return the results. Question records may name one image or a list of images.
+    `token_merging`: merge that many vision tokens per block (ToMe; 0: off), whatever the model was trained
+    with (recorded in the results as `token_merging_r`)."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
     model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    if token_merging is not None:
+        model.set_token_merging(token_merging)
     answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
     results: dict = {}
     samples: dict[str, list] = {}
@@ -57,6 +61,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | N
         results[name] = score(records, predictions)
         samples[name] = [{**r, "prediction": p} for r, p in zip(records, predictions)]
     final = {**results.pop(split), "split": split}
+    if model.config.vision.merges_tokens:
+        final["token_merging_r"] = model.config.vision.token_merging.r
     final.update({name: results[name] for name in extra if name in results})
     final["examples"] = samples[split][:20]
     write_json_atomic(Path(out) if out else run_dir / "eval.json", final)

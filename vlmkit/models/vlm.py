@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlmkit.config import ModelConfig
+from vlmkit.config import ConfigError, ModelConfig, TokenMergingConfig
 from vlmkit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpointable, resolve_model_dir
 from vlmkit.models.connectors import build_connector
 from vlmkit.models.fusion import FusionOutput, ImageTokens, build_fusion
@@ -48,10 +48,26 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         self.connector = build_connector(
             cfg.connector, cfg.vision.hidden_size, cfg.lm.hidden_size, 1 if cfg.vision.keep_cls else 0
         )
+        self._check_token_merging(cfg.vision.token_merging.r)
         self.lm = LanguageModel(cfg.lm)
         self.fusion = build_fusion(cfg)  # splice has no weights; others keep their per-layer adapters here
         if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
+
+    def _check_token_merging(self, r: int) -> None:
+        if r and (self.connector.grid_only or self.connector.grid_embedding is not None):
+            what = ("a grid embedding" if self.connector.grid_embedding is not None
+                    else f"the {self.config.connector.name} connector")
+            raise ConfigError(f"vision.token_merging.r {r}: {what} needs the patch grid, which token merging "
+                              "removes; use a connector that takes any number of tokens (linear, mlp2x_gelu, "
+                              "perceiver, qformer) without grid_embedding, or set vision.token_merging.r: 0")
+
+    def set_token_merging(self, r: int) -> None:
+        """Switch token merging (ToMe) to `r` tokens per block (0: off) in a built model, e.g. on a model
+        trained without it (ToMe works off the shelf); the weights are unchanged, image token counts follow."""
+        self._check_token_merging(r)
+        tome = self.config.vision.token_merging
+        self.config.vision.token_merging = TokenMergingConfig(r, tome.proportional_attention)
 
     def image_token_count(self, height: int, width: int) -> int:
         """Placeholder tokens each `<image>` of a preprocessed `height` x `width` image expands to (see
@@ -61,7 +77,12 @@ class VisionLanguageModel(Checkpointable, nn.Module):
 
     def connector_token_count(self, height: int, width: int) -> int:
         """Image tokens the connector emits for a preprocessed `height` x `width` image."""
-        return self.connector.num_tokens(self.vision.grid_for(height, width))
+        return self.connector.num_tokens(self._connector_grid(self.vision.grid_for(height, width)))
+
+    def _connector_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The layout the connector is told: the patch grid, or, with token merging, one row of the
+        merged tokens (they keep no grid; the connectors that accept them read only the count)."""
+        return (1, self.vision.merged_patch_count(grid)) if self.config.vision.merges_tokens else grid
 
     @property
     def tokens_per_image(self) -> int:
@@ -85,18 +106,18 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     def _encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         features = self.vision(pixel_values.to(self.vision.embeddings.proj.weight.dtype))
-        return self.connector(features, grid)
+        return self.connector(features, self._connector_grid(grid))
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Tower features [N, P, D_v] (e.g. cached from a frozen tower at the configured image size) ->
         image tokens [N, T, D_lm]."""
         size = self.config.vision.image_size
         grid = self.vision.grid_for(size, size)
-        expected = grid[0] * grid[1] + (self.vision.num_prefix_tokens if self.config.vision.keep_cls else 0)
+        expected = self.vision.num_feature_tokens(grid)
         if features.shape[1] != expected:
             raise ValueError(f"features have {features.shape[1]} positions; a {size} px image gives {expected}")
         dtype = next(self.connector.parameters()).dtype  # cached features may be stored in bf16
-        return self.connector(features.to(dtype), grid)
+        return self.connector(features.to(dtype), self._connector_grid(grid))
 
     def embed(
         self,
