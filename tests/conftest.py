@@ -29,7 +29,7 @@ def tiny_config(tokenizer, **overrides) -> ModelConfig:
         "connector": {"name": "mlp2x_gelu"},
     }
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return ModelConfig.from_dict(data)
 
 

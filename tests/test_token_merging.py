@@ -204,7 +204,7 @@ COSINE_FLOORS = {4: 0.999, 8: 0.995, 16: 0.98}
 def test_dinov2_small_mean_features_stay_close_under_merging():
     directory = _dinov2_dir()
     if directory is None:
-        pytest.skip("no DINOv2-S: run `python -m vlmkit import dinov2-small` (or set VLMKIT_DINOV2=DIR)")
+        pytest.skip("no DINOv2-S: run `vlmkit import dinov2-small` (or set VLMKIT_DINOV2=DIR)")
     cbook = pytest.importorskip("matplotlib.cbook", reason="needs matplotlib's sample photo: "
                                                            "pip install 'vlmkit[report]'")
     from PIL import Image
@@ -228,3 +228,43 @@ def test_dinov2_small_mean_features_stay_close_under_merging():
             pooled = (features * sizes[..., None]).sum(1) / sizes.sum(1, keepdim=True)
             cosine = F.cosine_similarity(pooled, reference, dim=-1)
             assert cosine.min() >= floor, f"r={r}: cosines {cosine.tolist()}"
+
+
+# -- where merging is refused or switched on ----------------------------------------------------------
+
+
+def test_the_dense_stage_refuses_token_merging():
+    from vlmkit.models.dense import DenseConfig
+
+    with pytest.raises(ConfigError, match="vision.token_merging: the dense stage's heads predict per patch-grid cell"):
+        DenseConfig(vision=small(token_merging={"r": 2}))
+
+
+def test_llava_export_refuses_token_merging(make_config):
+    from vlmkit.hf.llava import ExportError, check_exportable
+
+    model = VisionLanguageModel(make_config(vision={"token_merging": {"r": 2}, "feature_norm": False},
+                                            connector={"name": "linear"}))
+    with pytest.raises(ExportError, match="vision.token_merging.r 2: Llava's vision towers do not merge"):
+        check_exportable(model)
+
+
+def test_token_merging_switched_on_at_evaluation(make_config, tokenizer, tmp_path):
+    from vlmkit.data.shapes_world import write_dataset
+    from vlmkit.eval.run_eval import evaluate
+
+    torch.manual_seed(0)
+    model = VisionLanguageModel(make_config())
+    model.save_pretrained(tmp_path / "model", tokenizer)
+    write_dataset(tmp_path / "data", seed=0, n=10)  # 64 px pictures, resized to the model's 32
+    plain = evaluate(tmp_path / "model", data_root=tmp_path / "data", limit=4, out=tmp_path / "a.json")
+    merged = evaluate(tmp_path / "model", data_root=tmp_path / "data", limit=4, out=tmp_path / "b.json",
+                      token_merging=3)
+    assert "token_merging_r" not in plain and merged["token_merging_r"] == 3
+    model.set_token_merging(3)
+    assert model.tokens_per_image == 16 - 3 - 3
+    model.set_token_merging(0)
+    assert model.tokens_per_image == 16
+    shuffled = VisionLanguageModel(make_config(connector={"name": "pixel_shuffle"}))
+    with pytest.raises(ConfigError, match="the pixel_shuffle connector needs the patch grid"):
+        shuffled.set_token_merging(1)

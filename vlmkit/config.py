@@ -216,6 +216,34 @@ class ConnectorConfig:
     cross_attention_frequency: int = 2  # qformer: queries cross-attend to the image every this many layers (BLIP-2: 2)
 
 
+SAMPLINGS = ("uniform", "change")
+
+
+@dataclass
+class VideoConfig:
+    """How a clip (a record's or question's ``video``) becomes image tokens; see vlmkit/data/video.py.
+
+    Frames are chosen so that kept frames x image tokens per frame <= `budget` (after `temporal_pool`,
+    which averages the tokens of that many adjacent kept frames into one frame's worth), `uniform`ly
+    over the clip or where the picture `change`s most. Each kept frame (or pooled group) is shown to
+    the LM after a text marker, "Frame 3: " (or "Frames 5-6: "), so the order of frames is in the text.
+    """
+
+    budget: int | None = None  # image tokens per clip; None: every frame of the clip
+    sampling: str = "uniform"  # uniform | change
+    temporal_pool: int = 1  # 1: every kept frame is its own image; 2: adjacent pairs are averaged
+
+    def __post_init__(self) -> None:
+        _check_choice("model.video", "sampling", self.sampling, SAMPLINGS)
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise ConfigError(f"model.video.budget: expected image tokens per clip (an integer >= 1) or null, "
+                              f"got {self.budget!r}")
+        pool = self.temporal_pool
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ConfigError(f"model.video.temporal_pool: expected an integer >= 1 (frames averaged), got {pool!r}")
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -231,8 +259,16 @@ class ModelConfig:
     # cross_attention: which images a text token sees: "latest" (the last image at or before it, as
     # Flamingo) or "all_previous" (every image at or before it). Tokens before any image see none.
     cross_attention_media: str = "latest"
+    # Clips (records with "video"): how many frames, which, pooled or not; see VideoConfig.
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.video, dict):
+            self.video = from_dict(VideoConfig, self.video, "model.video")
+        if self.video.temporal_pool > 1 and self.vision.merges_tokens:
+            raise ConfigError(f"model.video.temporal_pool {self.video.temporal_pool} averages the t-th image token "
+                              "of adjacent frames, which stand for the same place only without token merging; set "
+                              "vision.token_merging.r: 0 or model.video.temporal_pool: 1")
         _check_choice("model", "cross_attention_media", self.cross_attention_media, ("latest", "all_previous"))
         every = self.cross_attention_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:

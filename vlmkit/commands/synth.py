@@ -15,12 +15,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-image", type=int, default=0, metavar="N",
                    help="also write N pairs of images with questions about both (multi_{train,val,test}.json, "
                         "multi_{split}_qa.jsonl, multi_scenes.jsonl); default 0: none")
+    p.add_argument("--video", type=int, default=0, metavar="N",
+                   help="also write N moving-shapes clips with questions about motion, order and exits "
+                        "(videos/clip_*/, video_{train,val,test}.json, video_{split}_qa.jsonl, video_clips.jsonl); "
+                        "default 0: none")
+    p.add_argument("--video-frames", type=int, default=16, metavar="F", help="frames per clip (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
     from vlmkit.data.shapes_world import write_dataset
 
     summary = write_dataset(args.out, seed=args.seed, n=args.n, image_size=args.image_size,
-                            backgrounds=not args.no_backgrounds, multi_image=args.multi_image)
+                            backgrounds=not args.no_backgrounds, multi_image=args.multi_image,
+                            video=args.video, video_frames=args.video_frames)
     print(json.dumps(summary, indent=2))
     return 0

@@ -37,20 +37,26 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     ``pixel_values`` [N_total, 3, H, W] (or, when image sizes differ, a list of N_total [3, H_i, W_i])
     or None when the batch has no image, ``image_counts`` [B]. Samples that carry ``image_features``
     (see `ConversationDataset.use_features`) give ``image_features`` [N_total, P, D] in place of
-    ``pixel_values``.
+    ``pixel_values``. When a sample averages frames into an image (a clip with temporal pooling), the
+    batch also has ``image_frames`` [images in all rows]: how many consecutive frames make each image
+    (then ``image_counts`` counts images and N_total frames).
     """
     if not batch:
         raise ValueError("collate got an empty batch")
     input_ids = _pad([sample["input_ids"] for sample in batch], pad_id)
     key = "image_features" if any("image_features" in sample for sample in batch) else "pixel_values"
     images = [sample[key] for sample in batch if sample["num_images"]]
-    return {
+    out = {
         "input_ids": input_ids,
         "labels": _pad([sample["labels"] for sample in batch], IGNORE_INDEX),
         "attention_mask": _mask([len(sample["input_ids"]) for sample in batch], input_ids.shape[1]),
         key: _join_images(images),
         "image_counts": torch.tensor([sample["num_images"] for sample in batch], dtype=torch.long),
     }
+    if any("image_frames" in sample for sample in batch):
+        out["image_frames"] = torch.tensor([n for sample in batch
+                                            for n in sample.get("image_frames", [1] * sample["num_images"])])
+    return out
 
 
 def collate_image_text(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -5,13 +5,18 @@ It owns the tokenizer, the chat template (a `ChatFormat`), the image preprocessi
 answer as a function of the preprocessed image's height and width (`image_token_count`), so every
 `<image>` expands to its own image's count and images of different sizes can share a batch.
 
+It also owns the model's `VideoSampler` (`video`): which frames of a clip the model's token budget
+keeps and the text that shows them (see `vlmkit.data.video`).
+
 Nothing in vlmkit.data imports vlmkit.models: `for_model` reads the model by duck typing
-(``model.config.vision`` and ``model.image_token_count``).
+(``model.config.vision``, ``model.config.video``, ``model.image_token_count`` and
+``model.connector_token_count``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +24,7 @@ import torch
 from vlmkit.data.chat import ChatFormat, Encoded
 from vlmkit.data.images import ImageInput, ImageProcessor
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.video import VideoSampler
 
 __all__ = ["VLMProcessor"]
 
@@ -32,12 +38,14 @@ class VLMProcessor:
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None = None,
-                 token_count: Callable[[int, int], int] | None = None, system_prompt: str | None = None):
+                 token_count: Callable[[int, int], int] | None = None, system_prompt: str | None = None,
+                 video: VideoSampler | None = None):
         if (image_processor is None) != (token_count is None):
             raise ValueError("give both image_processor and token_count (a vision model), or neither (text-only)")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self._token_count = token_count
+        self.video = video  # None: clips are refused
         # The template's default count is the configured size's, so the fixed-size path is unchanged.
         size = None if image_processor is None else image_processor.size
         self.chat = ChatFormat(tokenizer, None if size is None else token_count(size, size), system_prompt)
@@ -49,7 +57,13 @@ class VLMProcessor:
         vision = getattr(model.config, "vision", None)
         if vision is None:
             return cls.text_only(tokenizer, system_prompt)
-        return cls(tokenizer, ImageProcessor.from_vision_config(vision), model.image_token_count, system_prompt)
+        images = ImageProcessor.from_vision_config(vision)
+        video = None
+        if getattr(model.config, "video", None) is not None:
+            # The budget counts the image tokens the LM reads (one placeholder each with cross-attention).
+            count = getattr(model, "connector_token_count", model.image_token_count)
+            video = VideoSampler(model.config.video, count(images.size, images.size), images, tokenizer.image_token)
+        return cls(tokenizer, images, model.image_token_count, system_prompt, video)
 
     @classmethod
     def text_only(cls, tokenizer: Tokenizer, system_prompt: str | None = None) -> VLMProcessor:
@@ -100,6 +114,17 @@ class VLMProcessor:
             return self.chat.prompt(question, image_tokens=counts, num_images=len(counts))
         count = None if image_size is None or not with_image else self.image_tokens(*image_size)
         return self.chat.prompt(question, with_image, image_tokens=count)
+
+    def clip(self, video: Any, root: str | Path = ".") -> tuple[list[torch.Tensor], list[int], str]:
+        """A clip (a ``"video"`` value: frame directory, list of frames or video file; relative to `root`)
+        -> its kept frames preprocessed ([3, size, size] each), the frames each shown image averages, and
+        the text that shows them (``"Frame 1: <image>\nFrame 2: <image>"``: put it where the clip goes)."""
+        self._need_vision()
+        if self.video is None:
+            raise ValueError("this processor has no video sampler (see VLMProcessor.for_model): it takes no clips")
+        clip = self.video.clip(video, root)
+        frames = [self.image_processor.normalize(self.video.pixels(frame)) for frame in clip.frames]
+        return frames, clip.groups, clip.text
 
     def _need_vision(self) -> None:
         if self.image_processor is None:

@@ -1,5 +1,6 @@
 """Evaluate a trained VLM on a shapes-world style split: VQA, POPE, grounding, compositional, and the
-two-image questions of ``multi_{split}_qa.jsonl`` when the data has them."""
+two-image questions of ``multi_{split}_qa.jsonl`` and the clip questions of ``video_{split}_qa.jsonl``
+when the data has them."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ EXTRA_SPLITS = ("compositional", "variants")
 
 def extra_splits(split: str) -> tuple[str, ...]:
     """The splits scored beside `split` when their question files exist: `EXTRA_SPLITS`, then
-    ``multi_{split}``: questions about two images (`vlmkit synth --multi-image N`)."""
-    return (*EXTRA_SPLITS, f"multi_{split}")
+    ``multi_{split}``: questions about two images (`vlmkit synth --multi-image N`), and ``video_{split}``:
+    questions about clips (`vlmkit synth --video N`; the model's `model.video` budget picks the frames)."""
+    return (*EXTRA_SPLITS, f"multi_{split}", f"video_{split}")
 
 
 def data_root_of(run_dir: Path) -> Path:

@@ -26,6 +26,24 @@ class ImagePlaceholderError(ValueError):
     """The number of `<image>` placeholder tokens does not match the images given."""
 
 
+def pool_frames(tokens: ImageTokens, image_frames: Sequence[int] | torch.Tensor) -> ImageTokens:
+    """Temporal pooling: the image tokens of consecutive frames averaged, `image_frames[i]` frames into
+    image i ([N_frames, T, D] -> [N_images, T, D], or lists alike). Frames of one image must have one size."""
+    counts = torch.as_tensor(image_frames).tolist()
+    if sum(counts) != len(tokens) or min(counts, default=1) < 1:
+        raise ImagePlaceholderError(f"image_frames {counts} do not split the {len(tokens)} frame(s) given into "
+                                    "groups of one or more")
+    if all(n == 1 for n in counts):
+        return tokens
+    if torch.is_tensor(tokens) and len(set(counts)) == 1:
+        return tokens.unflatten(0, (len(counts), counts[0])).mean(dim=1)
+    out, start = [], 0
+    for n in counts:
+        out.append(torch.stack(list(tokens[start : start + n])).mean(dim=0))
+        start += n
+    return torch.stack(out) if torch.is_tensor(tokens) else out
+
+
 def _tokens(n: int) -> str:
     return f"{n} token{'' if n == 1 else 's'}"
 
@@ -55,6 +73,10 @@ class VisionLanguageModel(Checkpointable, nn.Module):
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
 
     def _check_token_merging(self, r: int) -> None:
+        if r and self.config.video.temporal_pool > 1:
+            raise ConfigError(f"vision.token_merging.r {r}: model.video.temporal_pool "
+                              f"{self.config.video.temporal_pool} averages the t-th tokens of adjacent frames, "
+                              "which merging makes stand for different places; set model.video.temporal_pool: 1")
         if r and (self.connector.grid_only or self.connector.grid_embedding is not None):
             what = ("a grid embedding" if self.connector.grid_embedding is not None
                     else f"the {self.config.connector.name} connector")
@@ -125,10 +147,11 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings (with `splice`: image tokens written over the `<image>` placeholders);
         arguments as `fuse`."""
-        return self.fuse(input_ids, pixel_values, image_counts, image_embeds).inputs_embeds
+        return self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_frames).inputs_embeds
 
     def fuse(
         self,
@@ -136,6 +159,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> FusionOutput:
         """The LM's input embeddings and layer context: the fusion applied to the token embeddings and images.
 
@@ -145,12 +169,17 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         `image_counts[b]` (images of sample b), when given, is checked against each row's placeholders.
         `image_embeds` (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to
         encode an image shared by several rows only once.
+        `image_frames[i]` (default: all 1), when given, is how many consecutive frames of `pixel_values` /
+        `image_embeds` make image i: their image tokens are averaged (`pool_frames`; a clip's temporal
+        pooling); `image_counts` and the placeholders count the pooled images.
         """
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
         rows = is_image.sum(dim=1).tolist()  # placeholders per row
         if image_embeds is None and pixel_values is not None and len(pixel_values) > 0:
             image_embeds = self.encode_images(pixel_values)
+        if image_embeds is not None and image_frames is not None:
+            image_embeds = pool_frames(image_embeds, image_frames)
         if image_embeds is not None and not torch.is_tensor(image_embeds):
             image_embeds = list(image_embeds)
             if len({e.shape for e in image_embeds}) == 1:
@@ -193,10 +222,12 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_counts: torch.Tensor | list[int] | None = None,
         logits: bool = True,
         image_features: torch.Tensor | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> LMOutput:
-        """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`."""
+        """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`;
+        `image_frames` as in `fuse`."""
         image_embeds = self.project_features(image_features) if image_features is not None else None
-        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds)
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_frames)
         return self.lm(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask, labels=labels, logits=logits,
                        context=fused.context)
 
@@ -208,11 +239,13 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         pixel_values: ImageBatch | None = None,
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> list[list[int]]:
         """Generate from left-padded prompts with images fused in (from `pixel_values`, or `image_embeds`
-        already encoded); the fusion's layer context reaches every decode step. `kwargs` as
-        `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator, use_cache)."""
-        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds)
+        already encoded; `image_frames` as in `fuse`); the fusion's layer context reaches every decode step.
+        `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator,
+        use_cache)."""
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_frames)
         return self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask,
                                 context=fused.context, **kwargs)
