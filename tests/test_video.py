@@ -349,3 +349,21 @@ def test_moving_shapes_trains_end_to_end_through_the_dataset(tmp_path, clip_mode
                  image_counts=batch["image_counts"]).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_chat_and_eval_take_clips(tmp_path, clip_model, tokenizer, capsys):
+    from vlmkit.cli import main
+
+    write_dataset(tmp_path / "data", seed=0, n=10, video=10, video_frames=8)
+    model_dir = tmp_path / "model"
+    clip_model(budget=32).save_pretrained(model_dir, tokenizer)
+    capsys.readouterr()
+    clip = tmp_path / "data" / "videos" / "clip_000000"
+    assert main(["chat", str(model_dir), "--video", str(clip), "--max-new-tokens", "3", "Which way?"]) == 0
+    assert main(["chat", str(model_dir), "--video", str(clip), "--image", str(clip / "frame_000.png"), "q"]) == 1
+    assert "give --image or --video, not both" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), "--data", str(tmp_path / "data"), "--split", "video_test",
+                 "--device", "cpu"]) == 0
+    results = json.loads((model_dir / "eval.json").read_text())
+    assert results["split"] == "video_test" and results["n_samples"] == 3  # one test clip, three questions
+    assert set(results["vqa_accuracy_by_type"]) == {"video_direction", "video_last", "video_leave"}
