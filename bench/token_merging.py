@@ -27,6 +27,7 @@ from PIL import Image
 
 from vlmkit.config import TokenMergingConfig, VisionConfig
 from vlmkit.data.images import ImageProcessor, load_image
+from vlmkit.hf.importers import models_cache_dir
 from vlmkit.hf.pretrained import load_vision_tower, tower_weights
 from vlmkit.models.checkpoint import read_model_meta, resolve_model_dir
 from vlmkit.models.vision import ViT
@@ -118,8 +119,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dinov2", default="/work/scratch/models/dinov2-small",
-                   help="an imported DINOv2-S (python -m vlmkit import dinov2-small); skipped when absent")
+    p.add_argument("--dinov2", default=str(models_cache_dir() / "dinov2-small"),
+                   help="an imported DINOv2-S (default: where `vlmkit import dinov2-small` writes it); skipped "
+                        "when absent")
     p.add_argument("--dinov2-r", default="0,4,8,12,16")
     p.add_argument("--demo", help="the demo's dense-stage run (its 64 px tower)")
     p.add_argument("--demo-images", help="a directory of images for the demo tower (default: the photo batch)")
@@ -137,7 +139,7 @@ def main() -> int:
         results["towers"] += measure_tower("DINOv2-S/14, 224 px", vit, photo_batch(), ints(args.dinov2_r),
                                            args.reps)
     else:
-        print(f"no DINOv2-S at {args.dinov2}: python -m vlmkit import dinov2-small --out DIR, then --dinov2 DIR")
+        print(f"no DINOv2-S at {args.dinov2}: vlmkit import dinov2-small --out DIR, then --dinov2 DIR")
     if args.demo:
         directory = resolve_model_dir(args.demo)
         vision = read_model_meta(directory)["model"]["vision"]

@@ -190,8 +190,10 @@ def test_grid_connectors_refuse_token_merging(make_config, connector, message):
 
 
 def _dinov2_dir() -> Path | None:
-    candidates = [os.environ.get("VLMKIT_DINOV2"), "/work/scratch/models/dinov2-small",
-                  Path(os.environ.get("VLMKIT_CACHE", Path.home() / ".cache" / "vlmkit")) / "models" / "dinov2-small"]
+    """$VLMKIT_DINOV2, else where `vlmkit import dinov2-small` writes it."""
+    from vlmkit.hf.importers import models_cache_dir
+
+    candidates = [os.environ.get("VLMKIT_DINOV2"), models_cache_dir() / "dinov2-small"]
     return next((Path(c) for c in candidates if c and (Path(c) / "model.safetensors").is_file()), None)
 
 
