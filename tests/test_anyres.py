@@ -12,12 +12,13 @@ from PIL import Image
 
 from vlmkit import anyres
 from vlmkit.cli import main
-from vlmkit.config import ConfigError
+from vlmkit.config import ConfigError, VideoConfig
 from vlmkit.data.collate import collate
 from vlmkit.data.datasets import ConversationDataset
 from vlmkit.data.images import ImageProcessor, Tiles
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.shapes_world import SceneSpec
+from vlmkit.data.video import VideoSampler
 from vlmkit.eval.generation import Answerer
 from vlmkit.models.vlm import VisionLanguageModel
 
@@ -212,6 +213,60 @@ def test_another_tile_size_than_the_towers(make_config, tokenizer):
     assert len(tokens) == processor.image_tokens(50, 100) == 36 + 6 * 13
 
 
+# -- with token merging and clips ----------------------------------------------------------------------
+
+
+def test_anyres_refuses_token_merging_and_clip_settings(make_config):
+    with pytest.raises(ConfigError, match="vision.token_merging.r 2: model.image.anyres lays each tile's tokens"):
+        make_config(vision={"token_merging": {"r": 2}}, image=ANYRES)
+    with pytest.raises(ConfigError, match="model.video sets how clips are sampled, but a model with model.image."
+                                          "anyres takes no clips"):
+        make_config(video={"budget": 64}, image=ANYRES)
+    model = VisionLanguageModel(make_config(image=ANYRES))
+    with pytest.raises(ConfigError, match="vision.token_merging.r 4: model.image.anyres"):
+        model.set_token_merging(4)  # switched on after building, too
+    model.set_token_merging(0)
+    assert model.config.vision.token_merging.r == 0
+
+
+def test_an_anyres_model_takes_no_clips(anyres_model, tokenizer, image_dir):
+    (image_dir / "clip").mkdir()
+    for t in range(3):
+        picture(t, (32, 32)).save(image_dir / "clip" / f"frame_{t}.png")
+    processor = VLMProcessor.for_model(anyres_model, tokenizer)
+    assert processor.video is None
+    with pytest.raises(ValueError, match=r"AnyRes tiles \(model.image.anyres\) and takes no clips"):
+        processor.clip("clip/", image_dir)
+    with pytest.raises(ValueError, match="takes no clips"):
+        Answerer(anyres_model, tokenizer).answer_records([{"video": "clip/", "question": "which way?"}], image_dir)
+    clip = {"video": "clip/", "conversations": [{"from": "human", "value": "<video>\nwhich way?"},
+                                                {"from": "gpt", "value": "right"}]}
+    (image_dir / "train.json").write_text(json.dumps([{**ONE_IMAGE, "image": "0.png"}, clip]))
+    dataset = ConversationDataset(image_dir / "train.json", image_dir, processor.chat, processor.image_processor,
+                                  max_length=400, image_tokens=processor.image_tokens)
+    assert len(dataset) == 1 and dict(dataset.report.skipped) == {"bad_video_field": 1}
+    sampler = VideoSampler(VideoConfig(), 16, processor.image_processor)  # one built by hand is refused too
+    with pytest.raises(ValueError, match="takes no clips"):
+        ConversationDataset(image_dir / "train.json", image_dir, processor.chat, processor.image_processor,
+                            max_length=400, image_tokens=processor.image_tokens, video=sampler)
+
+
+def test_frames_given_with_image_sizes_pool_after_packing(anyres_model):
+    """The model itself takes both: AnyRes frames (tiles + original sizes) whose packed tokens
+    `image_frames` averages, as for any frames of one size."""
+    processor = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3, PINPOINTS)
+    frames = [processor.tiles(picture(seed, (40, 90))) for seed in range(3)]
+    tiles, sizes = torch.cat([f.pixels for f in frames]), [f.size for f in frames]
+    n = anyres_model.image_token_count(40, 90)
+    image = anyres_model.config.image_token_id
+    ids = torch.tensor([[5] + [image] * n + [6, 6] + [image] * n])
+    with torch.no_grad():
+        tokens = anyres_model.encode_images(tiles, image_sizes=sizes)
+        expected = anyres_model.embed(ids, image_embeds=[(tokens[0] + tokens[1]) / 2, tokens[2]])
+        pooled = anyres_model.embed(ids, tiles, [2], image_sizes=sizes, image_frames=[2, 1])
+    assert torch.allclose(pooled, expected, atol=1e-6)
+
+
 # -- data, training, generation ------------------------------------------------------------------------
 
 
@@ -328,7 +383,7 @@ def test_synth_hires_draws_the_default_objects_on_a_larger_canvas(tmp_path, caps
 
 
 @pytest.mark.parametrize("train_vision", [False, True])  # frozen tower: features per tile; else pixels
-def test_instruct_stage_trains_anyres_and_eval_scores_the_hires_task(tmp_path, train_vision, capsys):
+def test_instruct_stage_trains_anyres_and_eval_scores_the_hires_task(tmp_path, train_vision, capsys, caplog):
     from vlmkit.commands.demo import tokenizer_texts
     from vlmkit.data.tokenizer import train_tokenizer
     from vlmkit.eval.run_eval import evaluate
@@ -337,8 +392,8 @@ def test_instruct_stage_trains_anyres_and_eval_scores_the_hires_task(tmp_path, t
 
     from .test_train import TINY_RECIPE
 
-    data = tmp_path / "data"
-    assert main(["synth", "--hires", "--out", str(data), "--n", "12", "--seed", "1"]) == 0
+    data = tmp_path / "data"  # with clips, which an AnyRes model does not take
+    assert main(["synth", "--hires", "--out", str(data), "--n", "12", "--seed", "1", "--video", "10"]) == 0
     capsys.readouterr()
     train_tokenizer(tokenizer_texts(data), vocab_size=300).save(data / "tokenizer")
     cfg = stage_config(TINY_RECIPE, "instruct", [
@@ -356,6 +411,8 @@ def test_instruct_stage_trains_anyres_and_eval_scores_the_hires_task(tmp_path, t
     assert not torch.equal(trainer.model.anyres.image_newline.detach(), newline)  # it trains with the connector
     scores = evaluate(tmp_path / "run", data_root=data, limit=6, batch_size=4, out=tmp_path / "eval.json")
     assert scores["n_samples"] == 6 and 0 <= scores["vqa_accuracy"] <= 1
+    assert (data / "video_test_qa.jsonl").is_file() and "video_test" not in scores
+    assert "video_test not scored: this model takes no clips" in caplog.text
 
 
 def test_reliability_suite_runs_on_an_anyres_model(anyres_model, tokenizer, tmp_path, capsys):

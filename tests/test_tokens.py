@@ -43,6 +43,8 @@ def test_specs_it_cannot_count_are_errors():
         TokenSpec(patch_size=14, connector="perceiver", grid_pinpoints=LLAVA_NEXT, base=336)
     with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
         TokenSpec(patch_size=14).image_tokens(330, 336)
+    with pytest.raises(ValueError, match="token merging leaves no patch grid"):
+        TokenSpec(patch_size=14, connector="pixel_shuffle", token_merging=4, merging_blocks=12)
 
 
 MODELS = {  # model config overrides -> what decides their counts
@@ -56,6 +58,9 @@ MODELS = {  # model config overrides -> what decides their counts
     "anyres": {"image": {"anyres": {"grid_pinpoints": [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]}}},
     "anyres_shuffle": {"connector": {"name": "pixel_shuffle", "downsample": 2},
                        "image": {"anyres": {"grid_pinpoints": [[48, 48], [48, 96], [96, 48]], "base": 48}}},
+    "token_merging": {"vision": {"token_merging": {"r": 3}}},
+    "token_merging_cls": {"vision": {"token_merging": {"r": 5}, "use_cls_token": True, "keep_cls": True,
+                                     "num_layers": 3, "select_layer": -2}},
 }
 
 

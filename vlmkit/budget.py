@@ -36,7 +36,8 @@ def patch_grid(height: int, width: int, patch_size: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class TokenSpec:
     """What decides an image's token count: the patch size, the connector (and its downsample or K
-    queries), a CLS token passed on, the fusion, and AnyRes tiling (grid pinpoints and tile side)."""
+    queries), a CLS token passed on, the fusion, AnyRes tiling (grid pinpoints and tile side) and token
+    merging in the tower."""
 
     patch_size: int
     connector: str = "mlp2x_gelu"
@@ -46,6 +47,9 @@ class TokenSpec:
     fusion: str = "splice"  # cross_attention: one placeholder per image in the sequence
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
     base: int | None = None  # AnyRes tile side (px)
+    token_merging: int = 0  # ToMe: tokens merged away per tower block (see models/token_merging.py)
+    merging_blocks: int = 0  # the tower blocks that run (each merges), up to the selected layer
+    tower_prefix: int = 0  # tower tokens never merged (a CLS token), passed on or not
 
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
@@ -59,6 +63,9 @@ class TokenSpec:
                 raise ValueError("AnyRes joins the tiles' token grids: it needs a grid connector "
                                  f"({', '.join(GRID_CONNECTORS)}) and no CLS token")
             object.__setattr__(self, "grid_pinpoints", tuple(check_grid_pinpoints(self.grid_pinpoints, self.base)))
+        if self.token_merging and (self.anyres or self.connector in ("pixel_shuffle", "c_abstractor")):
+            raise ValueError("token merging leaves no patch grid: it needs a connector that takes any number of "
+                             "tokens (linear, mlp2x_gelu, perceiver, qformer) and no AnyRes")
 
     @classmethod
     def from_model_config(cls, cfg: Any) -> TokenSpec:
@@ -70,7 +77,8 @@ class TokenSpec:
                    downsample=cfg.connector.downsample, queries=cfg.connector.num_queries,
                    prefix_tokens=1 if cfg.vision.use_cls_token and cfg.vision.keep_cls else 0, fusion=cfg.fusion,
                    grid_pinpoints=None if anyres is None else tuple(map(tuple, anyres.grid_pinpoints)),
-                   base=None if anyres is None else anyres.base)
+                   base=None if anyres is None else anyres.base, token_merging=cfg.vision.token_merging.r,
+                   merging_blocks=cfg.vision.num_selected_blocks, tower_prefix=1 if cfg.vision.use_cls_token else 0)
 
     @property
     def anyres(self) -> bool:
@@ -91,7 +99,15 @@ class TokenSpec:
     def connector_tokens(self, height: int, width: int) -> int:
         """Tokens the connector emits for one `height` x `width` image given to the tower."""
         grid = self.token_grid(patch_grid(height, width, self.patch_size))
-        return self.queries if grid is None else self.prefix_tokens + grid[0] * grid[1]
+        if grid is None:
+            return self.queries
+        patches = grid[0] * grid[1]
+        if self.token_merging:  # imported here: only merging needs the models package (and torch)
+            from vlmkit.models.token_merging import merged_token_count
+
+            prefix = self.tower_prefix
+            patches = merged_token_count(patches + prefix, self.token_merging, self.merging_blocks, prefix) - prefix
+        return self.prefix_tokens + patches
 
     @property
     def tile_tokens(self) -> tuple[int, int]:

@@ -38,7 +38,10 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     or None when the batch has no image, ``image_counts`` [B]. Samples that carry ``image_features``
     (see `ConversationDataset.use_features`) give ``image_features`` [N_total, P, D] in place of
     ``pixel_values``. AnyRes samples (with ``image_sizes``) give every image's tiles in place of its
-    image, and ``image_sizes`` [N_total, 2]: each image's original (height, width).
+    image, and ``image_sizes`` [N_total, 2]: each image's original (height, width). When a sample averages
+    frames into an image (a clip with temporal pooling), the batch also has ``image_frames`` [images in
+    all rows]: how many consecutive frames make each image (then ``image_counts`` counts images and
+    N_total frames).
     """
     if not batch:
         raise ValueError("collate got an empty batch")
@@ -54,6 +57,9 @@ def collate(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Ten
     }
     if any("image_sizes" in sample for sample in batch):
         out["image_sizes"] = torch.cat([sample["image_sizes"] for sample in batch if "image_sizes" in sample])
+    if any("image_frames" in sample for sample in batch):
+        out["image_frames"] = torch.tensor([n for sample in batch
+                                            for n in sample.get("image_frames", [1] * sample["num_images"])])
     return out
 
 

@@ -6,9 +6,10 @@ Every record is checked when a dataset is built. A bad record is skipped, counte
 ``strict=True`` the first bad record found raises `DataError` instead (problems are found in
 stages: JSON syntax while reading, then the conversation text, then the image files).
 
-Skip reasons: ``malformed_json``, ``not_a_dict``, ``bad_image_field``, ``bad_caption``,
+Skip reasons: ``malformed_json``, ``not_a_dict``, ``bad_image_field``, ``bad_video_field``, ``bad_caption``,
 ``bad_conversation`` (also unknown roles and conversations without an assistant answer),
-``image_count_mismatch``, ``too_long``, ``missing_image``, ``unreadable_image``.
+``image_count_mismatch``, ``video_count_mismatch``, ``too_long``, ``missing_image``, ``unreadable_image``,
+``missing_video``, ``unreadable_video``.
 
 Images of a record: ``"image"`` is one path or a list of paths (several images, e.g. two scenes to
 compare). Each ``<image>`` tag in the text stands for the next image of that list, in reading order
@@ -22,6 +23,12 @@ only once its images' sizes are known).
 
 LLaVA convention: a record that has images but no ``<image>`` tag anywhere in its text gets one
 ``<image>\\n`` per image prepended to its first human turn (LLaVA datasets often omit the tag).
+
+Clips: a record may hold a ``"video"`` instead of images (a directory of frames, a list of frame
+paths or a video file; see `vlmkit.data.video`). The dataset's `VideoSampler` keeps the frames the
+model's token budget allows and replaces the record's ``<video>`` tag with one marked ``<image>`` line
+per kept frame (or pooled group of frames), so from there on a clip is a record with several images;
+samples then say how many frames each image averages (``image_frames``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from vlmkit.data.records import (
     reject,
 )
 from vlmkit.data.tokenizer import Tokenizer
+from vlmkit.data.video import NO_CLIPS_ANYRES, DecodedFrame, VideoError, VideoSampler, insert_clip
 
 logger = logging.getLogger("vlmkit.data")
 
@@ -76,14 +84,23 @@ class _ImageStore:
         self._index: dict[Path, int] = {}
         self._pixels: np.ndarray | None = None
         self._offsets: np.ndarray | None = None  # tiling: image i's tiles are rows offsets[i]:offsets[i + 1]
+        self._decoded: dict[int, np.ndarray] = {}  # frames of video files, already resized
 
-    def add(self, name: str) -> int:
+    def add(self, name: str | Path | DecodedFrame) -> int:
         # An absolute `name` replaces the root; normpath makes "a/./b.png" and "a/b.png" one image.
-        path = Path(os.path.normpath(self.root / name))
+        decoded = name if isinstance(name, DecodedFrame) else None
+        path = decoded.key if decoded is not None else Path(os.path.normpath(self.root / name))
         if path not in self._index:
             self._index[path] = len(self.paths)
             self.paths.append(path)
+            if decoded is not None:
+                self._decoded[self._index[path]] = decoded.pixels
         return self._index[path]
+
+    def _load(self, index: int) -> np.ndarray:
+        if index in self._decoded:
+            return self._decoded[index]
+        return self.processor.to_uint8(load_image(self.paths[index]))
 
     def check(self, workers: int | None) -> dict[int, RecordSkipped]:
         """Decode every image once (in threads: PIL releases the GIL); returns failures by index."""
@@ -96,12 +113,15 @@ class _ImageStore:
 
         def visit(index: int) -> RecordSkipped | None:
             try:
-                image = load_image(self.paths[index])
-                self.sizes[index] = (image.height, image.width)
-                if tiling and self.cache:
-                    tiles[index] = self.processor.tiles_uint8(image)[0]
-                elif self._pixels is not None:
-                    self._pixels[index] = self.processor.to_uint8(image)
+                if tiling:  # the original size decides the tiles (clips never reach a tiling store)
+                    image = load_image(self.paths[index])
+                    self.sizes[index] = (image.height, image.width)
+                    if self.cache:
+                        tiles[index] = self.processor.tiles_uint8(image)[0]
+                else:
+                    pixels = self._load(index)
+                    if self._pixels is not None:
+                        self._pixels[index] = pixels
             except ImageError as err:
                 return RecordSkipped("missing_image" if err.kind == "missing" else "unreadable_image", str(err))
             return None
@@ -114,13 +134,15 @@ class _ImageStore:
             kept = [t if t is not None else np.empty((0, s, s, 3), dtype=np.uint8) for t in tiles]
             self._offsets = np.concatenate([[0], np.cumsum([len(t) for t in kept])]).astype(np.int64)
             self._pixels = np.concatenate(kept) if kept else np.empty((0, s, s, 3), dtype=np.uint8)
+        elif self._pixels is not None:
+            self._decoded.clear()  # the cache holds them now
         return {index: skip for index, skip in enumerate(results) if skip is not None}
 
     def pixels(self, index: int) -> np.ndarray:
         """Resized uint8 [size, size, 3]; raises ImageError if an uncached file went bad since loading."""
         if self._pixels is not None:
             return self._pixels[index]
-        return self.processor.to_uint8(load_image(self.paths[index]))
+        return self._load(index)
 
     def rows(self, index: int) -> range:
         """Rows of the cached array that belong to image `index` (one, unless tiling)."""
@@ -261,14 +283,16 @@ def _recount_images(ids: np.ndarray, labels: np.ndarray, image_id: int, each: in
 
 
 class ConversationDataset(_SkippingDataset):
-    """LLaVA-format conversations with their images, validated at load time (see the module doc).
+    """LLaVA-format conversations with their images or clip, validated at load time (see the module doc).
 
-    A sample is ``{"input_ids": [L], "labels": [L], "pixel_values": [n, 3, H, W], "num_images": n}``;
-    batch samples with `collate`. Image paths are relative to `image_root` unless absolute.
+    A sample is ``{"input_ids": [L], "labels": [L], "pixel_values": [n, 3, H, W], "num_images": n}``, plus
+    ``"image_frames"`` (frames averaged into each of its images, summing to n) for a clip with temporal
+    pooling; batch samples with `collate`. Image paths are relative to `image_root` unless absolute.
+    Records with a ``"video"`` need `video` (the model's `VideoSampler`, `VLMProcessor.video`).
 
     With a tiling (AnyRes) `processor`, `image_tokens(height, width)` gives the token count of an image
     of that original size, and a sample's ``pixel_values`` are all its images' tiles [n_tiles, 3, S, S],
-    with ``image_sizes`` [n, 2] (each image's original height and width).
+    with ``image_sizes`` [n, 2] (each image's original height and width). Its records hold no clips.
     """
 
     def __init__(
@@ -285,19 +309,22 @@ class ConversationDataset(_SkippingDataset):
         report: LoadReport | None = None,
         decode_workers: int | None = None,
         image_tokens: Callable[[int, int], int] | None = None,
+        video: VideoSampler | None = None,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if processor.tiling and image_tokens is None:
             raise ValueError("a tiling (AnyRes) image processor needs image_tokens(height, width), the token count "
                              "of an image of that original size (VLMProcessor.image_tokens)")
+        if processor.tiling and video is not None:
+            raise ValueError(NO_CLIPS_ANYRES)
         if records is None:
             if path is None:
                 raise ValueError("give a data file path or already-read records")
             records, report = read_record_file(path, strict)
         elif report is None:
             report = LoadReport(str(path or "<records>"), total=len(records), kept=len(records))
-        self.chat, self.processor, self.max_length = chat, processor, max_length
+        self.chat, self.processor, self.max_length, self.video = chat, processor, max_length, video
         self.report = report
         self._image_tokens = image_tokens if processor.tiling else None
         self._store = _ImageStore(image_root, processor, cache_images)
@@ -306,11 +333,12 @@ class ConversationDataset(_SkippingDataset):
         report.log_summary()
         self.sources = [source for source, _, _ in kept]
         self._images = [tuple(indices) for _, _, indices in kept]
+        self._frames = {i: groups for i, (_, (_, _, groups), _) in enumerate(kept) if groups is not None}
         # Token ids of all samples in two flat int32 arrays: far smaller than per-sample Python lists.
-        lengths = [len(ids) for _, (ids, _), _ in kept]
+        lengths = [len(ids) for _, (ids, _, _), _ in kept]
         self._offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self._ids = np.concatenate([ids for _, (ids, _), _ in kept])
-        self._labels = np.concatenate([labels for _, (_, labels), _ in kept])
+        self._ids = np.concatenate([ids for _, (ids, _, _), _ in kept])
+        self._labels = np.concatenate([labels for _, (_, labels, _), _ in kept])
         self._features: torch.Tensor | None = None
         self._init_runtime()
 
@@ -336,15 +364,45 @@ class ConversationDataset(_SkippingDataset):
         cache_images: bool = True,
         decode_workers: int | None = None,
         image_tokens: Callable[[int, int], int] | None = None,
+        video: VideoSampler | None = None,
     ) -> ConversationDataset:
         """Build from already-read records (e.g. `caption_records`), continuing their report."""
         path = report.path if report is not None else None
         return cls(path, image_root, chat, processor, max_length, strict, cache_images,
-                   records=records, report=report, decode_workers=decode_workers, image_tokens=image_tokens)
+                   records=records, report=report, decode_workers=decode_workers, image_tokens=image_tokens,
+                   video=video)
 
-    def _parse(self, record: Record) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
+    def _clip(self, data: dict[str, Any]) -> tuple[dict[str, Any], list, tuple[int, ...] | None]:
+        """A clip record as a record of images: its text with the frames' lines, the kept frames, and
+        the frames per image (None when every image is one frame)."""
+        if "image" in data:
+            raise RecordSkipped("bad_video_field", "a record holds 'image' or 'video', not both")
+        if self.video is None:
+            raise RecordSkipped("bad_video_field", NO_CLIPS_ANYRES if self.processor.tiling else
+                                "this dataset was built without a video sampler (VLMProcessor.video): it cannot "
+                                "read clips")
+        try:
+            clip = self.video.clip(data["video"], self._store.root)
+        except VideoError as err:
+            raise RecordSkipped("missing_video" if err.kind == "missing" else "unreadable_video", str(err)) from None
+        except ImageError as err:  # a frame file, read to compare frames
+            raise RecordSkipped("missing_image" if err.kind == "missing" else "unreadable_image", str(err)) from None
+        except ValueError as err:
+            raise RecordSkipped("bad_video_field", str(err)) from None
+        try:
+            data = insert_clip(data, clip.text)
+        except ValueError as err:
+            raise RecordSkipped("video_count_mismatch", str(err)) from None
+        groups = None if all(n == 1 for n in clip.groups) else tuple(clip.groups)
+        return data, clip.frames, groups
+
+    def _parse(self, record: Record) -> tuple[tuple[np.ndarray, np.ndarray, tuple[int, ...] | None], list]:
         data = record.data
-        names = _image_names(data)
+        groups = None
+        if "video" in data:
+            data, names, groups = self._clip(data)
+        else:
+            names = _image_names(data)
         data = _with_image_tags(data, len(names), self.chat.tok.image_token)
         try:
             encoded = self.chat.encode(data)
@@ -352,8 +410,15 @@ class ConversationDataset(_SkippingDataset):
             raise RecordSkipped("bad_conversation", str(err)) from None
         if all(label == IGNORE_INDEX for label in encoded.labels):
             raise RecordSkipped("bad_conversation", "no assistant answer to learn from")
-        if encoded.num_images != len(names):
-            which = "the record" if record.index is None else f"record {record.index} (counting from 0)"
+        which = "the record" if record.index is None else f"record {record.index} (counting from 0)"
+        if "video" in data:
+            shown = len(names) if groups is None else len(groups)
+            if encoded.num_images != shown:
+                raise RecordSkipped("image_count_mismatch",
+                                    f"{which} holds a clip shown as {shown} image(s) and {encoded.num_images - shown} "
+                                    f"more {self.chat.tok.image_token} tag(s) in its text; a clip record has no "
+                                    "images of its own")
+        elif encoded.num_images != len(names):
             raise RecordSkipped("image_count_mismatch",
                                 f"{which} has {encoded.num_images} {self.chat.tok.image_token} placeholder(s) in "
                                 f"its text but {len(names)} image(s) in its 'image' field; give one placeholder "
@@ -361,17 +426,17 @@ class ConversationDataset(_SkippingDataset):
         if self._image_tokens is None and len(encoded.input_ids) > self.max_length:  # tiling: see finish
             raise RecordSkipped("too_long", f"{len(encoded.input_ids)} tokens > max_length {self.max_length}")
         ids = np.asarray(encoded.input_ids, dtype=np.int32)
-        return (ids, np.asarray(encoded.labels, dtype=np.int32)), names
+        return (ids, np.asarray(encoded.labels, dtype=np.int32), groups), names
 
-    def _count_tiled_images(self, item: tuple[np.ndarray, np.ndarray], images: list[int]):
+    def _count_tiled_images(self, item: tuple[np.ndarray, np.ndarray, None], images: list[int]):
         """AnyRes: once the images' original sizes are known, each gets its own token count."""
-        ids, labels = item
+        ids, labels, groups = item
         if images:
             counts = [self._image_tokens(*self._store.sizes[k]) for k in images]
             ids, labels = _recount_images(ids, labels, self.chat.tok.image_id, self.chat.image_tokens, counts)
         if len(ids) > self.max_length:
             raise RecordSkipped("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
-        return ids, labels
+        return ids, labels, groups
 
     @property
     def image_pixels(self) -> np.ndarray:
@@ -393,9 +458,12 @@ class ConversationDataset(_SkippingDataset):
     def _sample(self, index: int) -> dict[str, Any]:
         start, end = self._offsets[index], self._offsets[index + 1]
         images = self._images[index]
+        frames = self._frames.get(index)  # a pooled clip: frames per shown image
         sample: dict[str, Any] = {"input_ids": torch.from_numpy(self._ids[start:end]).long(),
                                   "labels": torch.from_numpy(self._labels[start:end]).long(),
-                                  "num_images": len(images)}
+                                  "num_images": len(images) if frames is None else len(frames)}
+        if frames is not None:
+            sample["image_frames"] = list(frames)
         if self.processor.tiling:
             sample["image_sizes"] = torch.tensor([self._store.sizes[k] for k in images], dtype=torch.long).view(-1, 2)
         if self._features is not None:

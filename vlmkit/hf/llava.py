@@ -68,6 +68,9 @@ def check_exportable(model: VisionLanguageModel, fmt: str = "llava-hf") -> None:
     if cfg.vision.pre_layernorm and not cfg.vision.use_cls_token:
         problems.append("vision: a pre-norm tower without a CLS token matches no vision model Llava can use "
                         "(CLIP has both, SigLIP neither)")
+    if cfg.vision.merges_tokens:
+        problems.append(f"vision.token_merging.r {cfg.vision.token_merging.r}: Llava's vision towers do not merge "
+                        "tokens (export with token_merging.r: 0; the weights are the same)")
     if problems:
         raise ExportError(f"cannot export to {fmt}: " + "; ".join(problems))
 

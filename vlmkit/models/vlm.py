@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vlmkit.config import ConfigError, ModelConfig
+from vlmkit.config import ConfigError, ModelConfig, TokenMergingConfig
 from vlmkit.models.anyres import AnyResPacking
 from vlmkit.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpointable, resolve_model_dir
 from vlmkit.models.connectors import build_connector
@@ -34,6 +34,24 @@ ImageSizes = torch.Tensor | Sequence[Sequence[int]]
 
 class ImagePlaceholderError(ValueError):
     """The number of `<image>` placeholder tokens does not match the images given."""
+
+
+def pool_frames(tokens: ImageTokens, image_frames: Sequence[int] | torch.Tensor) -> ImageTokens:
+    """Temporal pooling: the image tokens of consecutive frames averaged, `image_frames[i]` frames into
+    image i ([N_frames, T, D] -> [N_images, T, D], or lists alike). Frames of one image must have one size."""
+    counts = torch.as_tensor(image_frames).tolist()
+    if sum(counts) != len(tokens) or min(counts, default=1) < 1:
+        raise ImagePlaceholderError(f"image_frames {counts} do not split the {len(tokens)} frame(s) given into "
+                                    "groups of one or more")
+    if all(n == 1 for n in counts):
+        return tokens
+    if torch.is_tensor(tokens) and len(set(counts)) == 1:
+        return tokens.unflatten(0, (len(counts), counts[0])).mean(dim=1)
+    out, start = [], 0
+    for n in counts:
+        out.append(torch.stack(list(tokens[start : start + n])).mean(dim=0))
+        start += n
+    return torch.stack(out) if torch.is_tensor(tokens) else out
 
 
 def _tokens(n: int) -> str:
@@ -58,6 +76,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         self.connector = build_connector(
             cfg.connector, cfg.vision.hidden_size, cfg.lm.hidden_size, 1 if cfg.vision.keep_cls else 0
         )
+        self._check_token_merging(cfg.vision.token_merging.r)
         self.lm = LanguageModel(cfg.lm)
         self.fusion = build_fusion(cfg)  # splice has no weights; others keep their per-layer adapters here
         self.anyres = None if cfg.image.anyres is None else AnyResPacking(cfg.image.anyres, cfg.lm.hidden_size)
@@ -67,6 +86,22 @@ class VisionLanguageModel(Checkpointable, nn.Module):
                               "(linear, mlp2x_gelu, pixel_shuffle, c_abstractor) or remove image.anyres")
         if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
             raise ValueError(f"image_token_id {cfg.image_token_id} outside the vocabulary (size {cfg.lm.vocab_size})")
+
+    def _check_token_merging(self, r: int) -> None:
+        self.config.check_token_merging(r)
+        if r and (self.connector.grid_only or self.connector.grid_embedding is not None):
+            what = ("a grid embedding" if self.connector.grid_embedding is not None
+                    else f"the {self.config.connector.name} connector")
+            raise ConfigError(f"vision.token_merging.r {r}: {what} needs the patch grid, which token merging "
+                              "removes; use a connector that takes any number of tokens (linear, mlp2x_gelu, "
+                              "perceiver, qformer) without grid_embedding, or set vision.token_merging.r: 0")
+
+    def set_token_merging(self, r: int) -> None:
+        """Switch token merging (ToMe) to `r` tokens per block (0: off) in a built model, e.g. on a model
+        trained without it (ToMe works off the shelf); the weights are unchanged, image token counts follow."""
+        self._check_token_merging(r)
+        tome = self.config.vision.token_merging
+        self.config.vision.token_merging = TokenMergingConfig(r, tome.proportional_attention)
 
     def image_token_count(self, height: int, width: int) -> int:
         """Placeholder tokens each `<image>` of a preprocessed `height` x `width` image expands to (see
@@ -80,7 +115,12 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         original `height` x `width` image, its tiles packed, newlines included)."""
         if self.anyres is not None:
             return self.anyres.token_count((height, width), self.tile_token_grid)
-        return self.connector.num_tokens(self.vision.grid_for(height, width))
+        return self.connector.num_tokens(self._connector_grid(self.vision.grid_for(height, width)))
+
+    def _connector_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The layout the connector is told: the patch grid, or, with token merging, one row of the
+        merged tokens (they keep no grid; the connectors that accept them read only the count)."""
+        return (1, self.vision.merged_patch_count(grid)) if self.config.vision.merges_tokens else grid
 
     @property
     def tile_token_grid(self) -> tuple[int, int]:
@@ -114,7 +154,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     def _encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         grid = self.vision.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         features = self.vision(pixel_values.to(self.vision.embeddings.proj.weight.dtype))
-        return self.connector(features, grid)
+        return self.connector(features, self._connector_grid(grid))
 
     def project_features(self, features: torch.Tensor, image_sizes: ImageSizes | None = None) -> ImageTokens:
         """Tower features [N, P, D_v] (e.g. cached from a frozen tower at the configured image size) ->
@@ -122,11 +162,11 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         of [T_i, D_lm]."""
         size = self.config.vision.image_size if self.anyres is None else self.anyres.base
         grid = self.vision.grid_for(size, size)
-        expected = grid[0] * grid[1] + (self.vision.num_prefix_tokens if self.config.vision.keep_cls else 0)
+        expected = self.vision.num_feature_tokens(grid)
         if features.shape[1] != expected:
             raise ValueError(f"features have {features.shape[1]} positions; a {size} px image gives {expected}")
         dtype = next(self.connector.parameters()).dtype  # cached features may be stored in bf16
-        tokens = self.connector(features.to(dtype), grid)
+        tokens = self.connector(features.to(dtype), self._connector_grid(grid))
         if self.anyres is None:
             return tokens
         return self.anyres(tokens, self._sizes(image_sizes), self.tile_token_grid)
@@ -145,10 +185,11 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
         image_sizes: ImageSizes | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LM's input embeddings (with `splice`: image tokens written over the `<image>` placeholders);
         arguments as `fuse`."""
-        return self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes).inputs_embeds
+        return self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes, image_frames).inputs_embeds
 
     def fuse(
         self,
@@ -157,6 +198,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
         image_sizes: ImageSizes | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> FusionOutput:
         """The LM's input embeddings and layer context: the fusion applied to the token embeddings and images.
 
@@ -167,12 +209,17 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         `image_embeds` (``encode_images`` output) may be passed instead of `pixel_values`, e.g. to
         encode an image shared by several rows only once. `image_sizes`: AnyRes only (see `encode_images`);
         images then count as images, not tiles.
+        `image_frames[i]` (default: all 1), when given, is how many consecutive frames of `pixel_values` /
+        `image_embeds` make image i: their image tokens are averaged (`pool_frames`; a clip's temporal
+        pooling); `image_counts` and the placeholders count the pooled images.
         """
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
         rows = is_image.sum(dim=1).tolist()  # placeholders per row
         if image_embeds is None and pixel_values is not None and len(pixel_values) > 0:
             image_embeds = self.encode_images(pixel_values, image_sizes)
+        if image_embeds is not None and image_frames is not None:
+            image_embeds = pool_frames(image_embeds, image_frames)  # after AnyRes packing: frames count as images
         if image_embeds is not None and not torch.is_tensor(image_embeds):
             image_embeds = list(image_embeds)
             if len({e.shape for e in image_embeds}) == 1:
@@ -216,11 +263,12 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         logits: bool = True,
         image_features: torch.Tensor | None = None,
         image_sizes: ImageSizes | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
     ) -> LMOutput:
         """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`;
-        `image_sizes`: AnyRes only, each image's original (height, width)."""
+        `image_sizes`: AnyRes only, each image's original (height, width); `image_frames` as in `fuse`."""
         image_embeds = self.project_features(image_features, image_sizes) if image_features is not None else None
-        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes)
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes, image_frames)
         return self.lm(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask, labels=labels, logits=logits,
                        context=fused.context)
 
@@ -233,12 +281,13 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_counts: torch.Tensor | list[int] | None = None,
         image_embeds: ImageTokens | None = None,
         image_sizes: ImageSizes | None = None,
+        image_frames: Sequence[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> list[list[int]]:
         """Generate from left-padded prompts with images fused in (from `pixel_values` (+ `image_sizes` for
-        AnyRes), or `image_embeds` already encoded); the fusion's layer context reaches every decode step.
-        `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator,
-        use_cache)."""
-        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes)
+        AnyRes), or `image_embeds` already encoded; `image_frames` as in `fuse`); the fusion's layer context
+        reaches every decode step. `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id,
+        temperature, top_p, generator, use_cache)."""
+        fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes, image_frames)
         return self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask,
                                 context=fused.context, **kwargs)

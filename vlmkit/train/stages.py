@@ -7,6 +7,7 @@ and implements what model it builds, what it freezes, its datasets, its loss and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TypeVar
@@ -14,7 +15,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from vlmkit.config import ConfigError, VisionConfig, from_dict, to_dict
+from vlmkit.config import ConfigError, VideoConfig, VisionConfig, from_dict, to_dict
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import collate, collate_image_text
 from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
@@ -377,7 +378,11 @@ class VLMStage(Stage):
 
     def build_model(self) -> VisionLanguageModel:
         if self.cfg.init_from:
-            return VisionLanguageModel.from_pretrained(self.cfg.init_from)
+            model = VisionLanguageModel.from_pretrained(self.cfg.init_from)
+            if "video" in self.cfg.model:  # how clips are sampled is no part of the weights: the run's setting wins
+                video = from_dict(VideoConfig, self.cfg.model["video"] or {}, "model.video")
+                model.config = dataclasses.replace(model.config, video=video)  # validated again
+            return model
         model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id)
         self.check_tower_source(model_cfg.vision)
         model = build_vlm(model_cfg)
@@ -398,7 +403,7 @@ class VLMStage(Stage):
         return ConversationDataset.from_records(
             records, report, self.cfg.data.root, processor.chat, processor.image_processor,
             max_length=self.cfg.data.max_length, strict=self.cfg.data.strict,
-            image_tokens=processor.image_tokens if processor.tiling else None)
+            image_tokens=processor.image_tokens if processor.tiling else None, video=processor.video)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train = self.make_dataset(model, self.records(self.cfg.data.train))
@@ -436,7 +441,8 @@ class VLMStage(Stage):
         # needed and the fast causal kernel is used.
         return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                      image_counts=batch["image_counts"], logits=False,
-                     image_features=batch.get("image_features"), image_sizes=batch.get("image_sizes")).loss
+                     image_features=batch.get("image_features"), image_sizes=batch.get("image_sizes"),
+                     image_frames=batch.get("image_frames")).loss
 
     @torch.no_grad()
     def evaluate(self, model: VisionLanguageModel, val) -> dict:
