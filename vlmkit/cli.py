@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
     "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava format"),
+    "merge": ("vlmkit.commands.merge", "fold a run's LoRA adapters into a plain vlmkit model"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
 }
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return importlib.import_module(args._module).run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, ImportError) as err:
         if os.environ.get("VLMKIT_DEBUG"):  # full traceback when chasing a bug
             raise
         print(f"vlmkit {args.command}: error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from torch import nn
 from vlmkit.config import LanguageConfig
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.models.attention import attention
+from vlmkit.models.memory import run_block
 
 
 class RMSNorm(nn.Module):
@@ -198,6 +199,25 @@ def attention_mask_for(attention_mask: torch.Tensor | None, query_length: int, p
     return allowed[:, None]
 
 
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1, L, L] for packed rows: causal within each segment, nothing across.
+
+    `segment_ids` [B, L] says which sample each position belongs to (padding is a segment of its own,
+    so its rows are never all-masked); block-diagonal, so packed samples never see each other.
+    """
+    n = segment_ids.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] that restart at 0 where each segment of a packed row starts."""
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -214,6 +234,7 @@ class LanguageModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.activation_checkpointing = False  # recompute each layer in the backward (see models/memory.py)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -237,10 +258,14 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         logits: bool = True,
         context: LayerContext | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """Run the decoder.
 
-        `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). With `labels` [B, L]
+        `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). `segment_ids` [B, L] (no
+        cache, no attention_mask) marks packed rows instead: several samples one after another, each
+        with its own positions from 0 and a block-diagonal causal mask (see `packed_attention_mask`);
+        the first label of each segment must be IGNORE_INDEX (nothing predicts it). With `labels` [B, L]
         (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
         `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
         most tokens are image or prompt tokens). `context` (from a fusion) reaches every layer; given
@@ -251,13 +276,21 @@ class LanguageModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n, _ = x.shape
         past = cache.length if cache is not None else 0
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + n, device=x.device).expand(b, n)
         cos, sin = self.rotary(position_ids, x.dtype)
-        mask = attention_mask_for(attention_mask, n, past)
+        if segment_ids is not None:
+            mask = packed_attention_mask(segment_ids)
+        else:
+            mask = attention_mask_for(attention_mask, n, past)
         if mask is None and past > 0 and n > 1:
             # Chunked prefill on top of a cache needs an explicit causal mask.
             mask = attention_mask_for(torch.ones(b, past + n, dtype=torch.long, device=x.device), n, past)
@@ -266,7 +299,7 @@ class LanguageModel(nn.Module):
                 cache.context = context
             context = cache.context
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, context)
+            x = run_block(self, layer, x, cos, sin, mask, cache, context)
         if cache is not None:
             cache.length += n
         h = self.norm(x)

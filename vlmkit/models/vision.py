@@ -8,6 +8,7 @@ from torch import nn
 
 from vlmkit.config import VisionConfig
 from vlmkit.models.attention import attention
+from vlmkit.models.memory import run_block
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -142,6 +143,7 @@ class ViT(nn.Module):
         self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.post_layernorm else None
+        self.activation_checkpointing = False  # recompute each block in the backward (see models/memory.py)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -161,7 +163,7 @@ class ViT(nn.Module):
             x = self.pre_layernorm(x)
         states = [x]
         for block in self.blocks[: len(self.blocks) if num_blocks is None else num_blocks]:
-            x = block(x)
+            x = run_block(self, block, x)
             states.append(x)
         return states
 

@@ -36,6 +36,7 @@ from vlmkit.device import autocast, batch_to, resolve_device
 from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
 from vlmkit.train.config import RunConfig, run_config_to_dict
+from vlmkit.train.efficiency import compile_model, prepare_model
 from vlmkit.train.optim import build_optimizer, build_scheduler
 from vlmkit.train.recipe import load_run_config
 from vlmkit.train.sampler import ResumableBatchSampler
@@ -97,8 +98,10 @@ class Trainer:
         self.stage: Stage = stage_type(cfg, self.tokenizer)
         self.model = self.stage.build_model()
         self.stage.set_trainable(self.model)
+        prepare_model(self.model, cfg.optim)  # LoRA adapters, activation checkpointing
         self.model.to(self.device)
         self.train_set, self.val_set = self.stage.datasets(self.model)
+        compile_model(self.model, cfg.optim)  # after the datasets: a frozen tower's features are computed eagerly
         self.num_workers = cfg.data.resolved_num_workers()
         self.sampler = ResumableBatchSampler(dataset_lengths(self.train_set), cfg.optim.batch_size, cfg.seed,
                                              with_epoch=bool(getattr(self.train_set, "epoch_keyed", False)))
@@ -279,9 +282,7 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_model
-
-        load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+        self.model.load_weights(path, self.device)  # with its LoRA adapters, if any
         blob = torch.load(path / "training_state.pt", weights_only=True, map_location=self.device)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
