@@ -10,7 +10,7 @@ from tests.test_train import config_for, data_dir, metrics  # noqa: F401  (data_
 from vlmkit.config import ConfigError
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import collate, pack_rows
-from vlmkit.models.language import positions_from_segments
+from vlmkit.models.language import Varlen
 from vlmkit.models.memory import set_activation_checkpointing
 from vlmkit.models.vlm import VisionLanguageModel
 from vlmkit.train.trainer import Trainer, resume
@@ -31,9 +31,16 @@ def test_pack_rows_is_first_fit_decreasing():
         pack_rows(lengths, 10)
 
 
-def test_positions_restart_in_every_segment():
+def test_varlen_layout_puts_each_sample_in_its_own_row():
     segments = torch.tensor([[3, 3, 3, 1, 1, 2, 0, 0], [4, 4, 4, 4, 4, 4, 4, 4]])
-    assert positions_from_segments(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+    varlen = Varlen.from_segments(segments)
+    assert (varlen.samples, varlen.width) == (4, 8) and varlen.real.tolist() == [0, 1, 2, 3, 4, 5] + list(range(8, 16))
+    assert varlen.positions.tolist() == [0, 1, 2, 0, 1, 0] + list(range(8))
+    tokens = torch.arange(14.0)[None, :, None]  # the flat stream of real tokens, [1, T, 1]
+    rows = varlen.pad(tokens)[..., 0]
+    assert rows[:3].tolist() == [[0, 1, 2] + [2] * 5, [3, 4] + [4] * 6, [5] * 8]  # past the end: the last token
+    assert rows[3].tolist() == list(range(6, 14))
+    assert torch.equal(varlen.unpad(varlen.pad(tokens)), tokens)
 
 
 def sample(ids: list[int], answer_from: int, images: int, size: int, image_token: int, tokens: int) -> dict:

@@ -15,6 +15,7 @@ from torch import nn
 from vlmkit.config import LanguageConfig
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.models.attention import attention
+from vlmkit.models.kernels import compute_dtype, joint_linear
 from vlmkit.models.memory import run_block
 
 
@@ -25,10 +26,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)  # the same numbers, a shorter backward
         # Normalise in fp32 (as the reference implementations do), scale in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm of an fp32 input with a hand-written backward: the forward computes exactly what
+    `RMSNorm.forward` does, the backward takes about half the time of autograd's (fewer passes over x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x * scale
+        ctx.save_for_backward(normed, scale, weight)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, scale, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight
+            # d/dx of x * rsqrt(mean(x^2)): scale * (g - normed * mean(g * normed))
+            grad_x = torch.addcmul(g, normed, (g * normed).mean(-1, keepdim=True), value=-1).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+        return grad_x, grad_weight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -109,20 +136,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.record: Callable[[torch.Tensor], None] | None = None  # set by `recording_attention`
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None,
+                varlen: Varlen | None = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = joint_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        if varlen is not None:  # x is the flat stream [1, T, D]: attention sees one sample per row
+            (q, k, v), b, n = (varlen.pad(t) for t in (q, k, v)), varlen.samples, varlen.width
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # k, v keep their num_kv_heads heads: attention shares each among its group of query heads.
         # Without a mask the plain causal kernel applies (training, unpadded prefill).
         out = attention(q, k, v, mask, causal=mask is None and n > 1, record=self.record)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.o_proj(out if varlen is None else varlen.unpad(out))
 
 
 class MLP(nn.Module):
@@ -135,7 +165,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, out_dim or dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = joint_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -147,10 +178,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None,
+                varlen: Varlen | None = None) -> torch.Tensor:
         if context is not None:  # a fusion's adapter for this layer, e.g. cross-attention to the image
             x = context.apply(self.layer_index, x, cache.length if cache is not None else 0)
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache, varlen)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -199,23 +231,47 @@ def attention_mask_for(attention_mask: torch.Tensor | None, query_length: int, p
     return allowed[:, None]
 
 
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean SDPA mask [B, 1, L, L] for packed rows: causal within each segment, nothing across.
+@dataclass
+class Varlen:
+    """A batch run as one flat stream of its real tokens (no padding), sample by sample.
 
-    `segment_ids` [B, L] says which sample each position belongs to (padding is a segment of its own,
-    so its rows are never all-masked); block-diagonal, so packed samples never see each other.
+    The linear layers, norms and MLPs see only the T real tokens, as [1, T, D]; attention sees each
+    sample in its own row of a [samples, width] layout (width: the longest sample), causal, positions
+    from 0. So no token attends to another sample or to padding, and no work goes to padding except
+    attention's, which is what padding one sample per row would cost. Built from `segment_ids` [B, L]
+    (0: padding; a run of equal ids within a row: one sample), e.g. rows packed by `data.packing`.
     """
-    n = segment_ids.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
-    return (causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
+    real: torch.Tensor  # [T] index into the B * L positions of each real token, in order
+    gather: torch.Tensor  # [samples * width] the real token at (sample, j); past a sample's end its last one
+    scatter: torch.Tensor  # [T] index into samples * width of each real token
+    positions: torch.Tensor  # [T] each token's position within its sample
+    samples: int
+    width: int
 
-def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, L] that restart at 0 where each segment of a packed row starts."""
-    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    @classmethod
+    def from_segments(cls, segment_ids: torch.Tensor) -> Varlen:
+        flat = segment_ids.reshape(-1)
+        real = (flat > 0).nonzero().squeeze(1)
+        ids, row = flat[real], real // segment_ids.shape[1]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = (ids[1:] != ids[:-1]) | (row[1:] != row[:-1])
+        starts = first.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=starts.new_tensor([len(ids)]))
+        width = int(lengths.max())
+        sample = first.long().cumsum(0) - 1
+        positions = torch.arange(len(ids), device=flat.device) - starts[sample]
+        j = torch.arange(width, device=flat.device)
+        gather = (starts[:, None] + torch.minimum(j[None], lengths[:, None] - 1)).reshape(-1)
+        return cls(real, gather, sample * width + positions, positions, len(starts), width)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, T, C] -> [samples, width, C]."""
+        return t[0].index_select(0, self.gather).view(self.samples, self.width, -1)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """[samples, width, C] -> [1, T, C] (what lies past each sample's end is dropped)."""
+        return t.reshape(self.samples * self.width, -1).index_select(0, self.scatter)[None]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -263,9 +319,11 @@ class LanguageModel(nn.Module):
         """Run the decoder.
 
         `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). `segment_ids` [B, L] (no
-        cache, no attention_mask) marks packed rows instead: several samples one after another, each
-        with its own positions from 0 and a block-diagonal causal mask (see `packed_attention_mask`);
-        the first label of each segment must be IGNORE_INDEX (nothing predicts it). With `labels` [B, L]
+        cache, no attention_mask, no context) marks rows that may each hold several samples (packed) and
+        padding (0): the model then runs on the real tokens only, each sample with its own positions from
+        0 and causal attention within it (see `Varlen`); the first label of each sample must be
+        IGNORE_INDEX (nothing before it may predict it), and padded positions come out as zeros in
+        `hidden_states` (and as zero logits). With `labels` [B, L]
         (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
         `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
         most tokens are image or prompt tokens). `context` (from a fusion) reaches every layer; given
@@ -277,20 +335,14 @@ class LanguageModel(nn.Module):
         b, n, _ = x.shape
         past = cache.length if cache is not None else 0
         if segment_ids is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("segment_ids (packed rows) go without a cache and without an attention_mask")
-            if position_ids is None:
-                position_ids = positions_from_segments(segment_ids)
+            return self._forward_varlen(x, segment_ids, labels, logits, (attention_mask, position_ids, cache, context))
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + n, device=x.device).expand(b, n)
-        cos, sin = self.rotary(position_ids, x.dtype)
-        if segment_ids is not None:
-            mask = packed_attention_mask(segment_ids)
-        else:
-            mask = attention_mask_for(attention_mask, n, past)
+        cos, sin = self.rotary(position_ids, compute_dtype(x))  # cast once, not in every layer
+        mask = attention_mask_for(attention_mask, n, past)
         if mask is None and past > 0 and n > 1:
             # Chunked prefill on top of a cache needs an explicit causal mask.
             mask = attention_mask_for(torch.ones(b, past + n, dtype=torch.long, device=x.device), n, past)
@@ -306,11 +358,34 @@ class LanguageModel(nn.Module):
         loss = self.loss(h, labels) if labels is not None else None
         return LMOutput(logits=self.lm_head(h) if logits else None, loss=loss, hidden_states=h)
 
+    def _forward_varlen(self, x: torch.Tensor, segment_ids: torch.Tensor, labels: torch.Tensor | None,
+                        logits: bool, unsupported: tuple) -> LMOutput:
+        """`forward` on the real tokens of `segment_ids`' samples, as one flat stream (see `Varlen`)."""
+        if any(value is not None for value in unsupported):
+            raise ValueError("segment_ids go without attention_mask, position_ids, a cache or a layer context")
+        b, n, d = x.shape
+        varlen = Varlen.from_segments(segment_ids)
+        flat = x.reshape(b * n, d).index_select(0, varlen.real)[None]
+        positions = torch.arange(varlen.width, device=x.device)[None]
+        cos, sin = self.rotary(positions, compute_dtype(x))
+        for layer in self.layers:
+            flat = run_block(self, layer, flat, cos, sin, None, None, None, varlen)
+        h = self.norm(flat)[0]
+        loss = None
+        if labels is not None:  # each token's next label in its row (a sample's last token: the next one's first)
+            following = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+            loss = self.token_loss(h, following.reshape(-1).index_select(0, varlen.real))
+        hidden = h.new_zeros(b * n, d).index_copy(0, varlen.real, h).view(b, n, d)
+        return LMOutput(logits=self.lm_head(hidden) if logits else None, loss=loss, hidden_states=hidden)
+
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose next label is not IGNORE_INDEX."""
-        targets = labels[:, 1:]
+        return self.token_loss(hidden[:, :-1], labels[:, 1:])
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the tokens `targets` over the positions where it is not IGNORE_INDEX."""
         keep = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][keep])
+        logits = self.lm_head(hidden[keep])
         if logits.shape[0] == 0:
             return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph valid
         return F.cross_entropy(logits.float(), targets[keep])

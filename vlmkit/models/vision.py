@@ -8,6 +8,7 @@ from torch import nn
 
 from vlmkit.config import VisionConfig
 from vlmkit.models.attention import attention
+from vlmkit.models.kernels import joint_linear
 from vlmkit.models.memory import run_block
 
 ACTIVATIONS = {
@@ -85,7 +86,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2)
+                   for t in joint_linear(x, self.q_proj, self.k_proj, self.v_proj))
         out = attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
