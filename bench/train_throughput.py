@@ -76,7 +76,8 @@ def llava_model(cfg: ModelConfig, attn: str):
     return transformers.LlavaForConditionalGeneration(config)
 
 
-def make_batch(batch_size: int, image_tokens: int, image_size: int, text: int, vocab: int, seed: int = 0) -> dict:
+def make_batch(batch_size: int, image_tokens: int, image_size: int, text: int, vocab: int, seed: int = 0,
+               image_id: int = IMAGE_ID) -> dict:
     """Samples of one image (first) + `text` tokens on average (uniform in [text/2, 3 text/2))."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(text // 2, text * 3 // 2, (batch_size,), generator=g)
@@ -86,9 +87,10 @@ def make_batch(batch_size: int, image_tokens: int, image_size: int, text: int, v
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths.tolist()):
         end = image_tokens + n
+        words = torch.randint(10, vocab, (n - 1,), generator=g)
         ids[i, 0] = 5
-        ids[i, 1 : 1 + image_tokens] = IMAGE_ID
-        ids[i, 1 + image_tokens : end] = torch.randint(10, vocab, (n - 1,), generator=g)
+        ids[i, 1 : 1 + image_tokens] = image_id
+        ids[i, 1 + image_tokens : end] = words.masked_fill(words == image_id, 5)
         labels[i, end - ANSWER : end] = ids[i, end - ANSWER : end]
         mask[i, :end] = 1
     pixels = torch.randn(batch_size, 3, image_size, image_size, generator=g)
@@ -170,44 +172,33 @@ def time_round_robin(steps: dict, rounds: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run_config(name: str, args, peak: float) -> dict:
+def run_config(name: str, args) -> tuple[dict, float, int, int]:
+    """Seconds per step of every candidate on config `name`, the step's model FLOPs, samples and tokens."""
     cfg, spec = model_config(name), CONFIGS[name]
     torch.manual_seed(0)
     ours = VisionLanguageModel(cfg)
     size = cfg.vision.image_size
     batch = make_batch(spec["batch"], ours.image_token_count(size, size), size, spec["text"], cfg.lm.vocab_size)
-    flops = step_flops(cfg, batch)
-    tokens = int(batch["attention_mask"].sum())
     rows = packed(batch, 4 * batch["input_ids"].shape[1])
 
     def ours_loss(model, b=batch):
         return model(b["input_ids"], b["pixel_values"], labels=b["labels"], image_counts=b.get("image_counts"),
                      segment_ids=b.get("segment_ids"), logits=False).loss
 
-    candidates = {"vlmkit": make_step(ours, ours_loss, not args.fp32),
-                  "vlmkit (data.packing)": make_step(ours, lambda m: ours_loss(m, rows), not args.fp32)}
+    bf16 = not args.fp32
+    candidates = {"vlmkit": make_step(ours, ours_loss, bf16),
+                  "vlmkit (data.packing)": make_step(ours, lambda m: ours_loss(m, rows), bf16)}
     if args.compile:
         compiled = VisionLanguageModel(cfg)
         compile_model(compiled, OptimConfig(compile=True))
-        candidates["vlmkit (optim.compile)"] = make_step(compiled, ours_loss, not args.fp32)
+        candidates["vlmkit (optim.compile)"] = make_step(compiled, ours_loss, bf16)
+        candidates["vlmkit (optim.compile, data.packing)"] = make_step(compiled, lambda m: ours_loss(m, rows), bf16)
     for attn in ("sdpa", "eager"):
-        candidates[f"transformers Llava ({attn})"] = make_step(llava_model(cfg, attn), lambda m: m(**batch).loss,
-                                                                not args.fp32)
-    print(f"\n{name}: batch {spec['batch']}, {tokens / spec['batch']:.0f} tokens per sample "
-          f"({batch['input_ids'].shape[1]} padded), {flops / 1e9:.0f} GFLOP per step", flush=True)
-    seconds = time_round_robin(candidates, args.rounds)
-    rows = {}
-    for cand, s in seconds.items():
-        rows[cand] = {"s_per_step": s, "samples_per_s": spec["batch"] / s, "tokens_per_s": tokens / s,
-                      "mfu": flops / s / peak}
-        print(f"  {cand:34} {s * 1000:8.0f} ms/step {rows[cand]['samples_per_s']:7.1f} samples/s "
-              f"{rows[cand]['tokens_per_s']:8.0f} tokens/s   MFU {100 * rows[cand]['mfu']:5.1f}%", flush=True)
-    peer = min((c for c in rows if c.startswith("transformers")), key=lambda c: rows[c]["s_per_step"])
-    for cand in rows:
-        if cand.startswith("vlmkit"):
-            print(f"  {cand} / {peer}: {rows[peer]['s_per_step'] / rows[cand]['s_per_step']:.2f}x tokens/s "
-                  "(and samples/s)")
-    return rows
+        candidates[f"transformers Llava ({attn})"] = make_step(llava_model(cfg, attn), lambda m: m(**batch).loss, bf16)
+    tokens = int(batch["attention_mask"].sum())
+    print(f"\n{name}: batch {spec['batch']}, {tokens / spec['batch']:.0f} tokens per sample on average "
+          f"({batch['input_ids'].shape[1]} padded), {step_flops(cfg, batch) / 1e9:.0f} GFLOP per step", flush=True)
+    return time_round_robin(candidates, args.rounds), step_flops(cfg, batch), spec["batch"], tokens
 
 
 def main() -> None:
@@ -220,14 +211,21 @@ def main() -> None:
     dtype = torch.float32 if args.fp32 else torch.bfloat16
     started = time.perf_counter()
     peak = matmul_peak(dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {'fp32' if args.fp32 else 'bf16 autocast'}, "
-          f"median of {args.rounds} interleaved rounds; {dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
-    results = {name: run_config(name, args, peak) for name in args.configs.split(",")}
-    after = matmul_peak(dtype)
-    if after > peak:
-        print(f"\n(peak measured again after the runs: {after / 1e9:.0f} GFLOP/s; MFU against it: "
-              + ", ".join(f"{n} vlmkit {100 * r['vlmkit']['mfu'] * peak / after:.1f}%" for n, r in results.items())
-              + ")")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'fp32' if args.fp32 else 'bf16 autocast'}, median of {args.rounds} interleaved rounds, "
+          f"{'CPU' if torch.get_num_threads() == 1 else 'wall'} time")
+    results = {name: run_config(name, args) for name in args.configs.split(",")}
+    peak = max(peak, matmul_peak(dtype))  # before and after the candidates: the better
+    print(f"\n{dtype} matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    for name, (seconds, flops, samples, tokens) in results.items():
+        print(f"\n{name}:")
+        for cand, sec in seconds.items():
+            print(f"  {cand:40} {sec * 1000:7.0f} ms/step {samples / sec:6.1f} samples/s {tokens / sec:7.0f} tokens/s"
+                  f"  MFU {100 * flops / sec / peak:5.1f}%")
+        peer = min((c for c in seconds if c.startswith("transformers")), key=seconds.get)
+        for cand in seconds:
+            if cand.startswith("vlmkit"):
+                print(f"  {cand} vs {peer}: {seconds[peer] / seconds[cand]:.2f}x tokens/s and samples/s")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

@@ -282,3 +282,87 @@ def test_lora_config_errors_name_the_field(data_dir, tmp_path):  # noqa: F811
         config_for("instruct", data_dir, tmp_path, "optim.lora={r: 0}")
     with pytest.raises(ConfigError, match="optim.lora: unknown key"):
         config_for("instruct", data_dir, tmp_path, "optim.lora={rank: 4}")
+
+
+# -- faster kernels: the same numbers ---------------------------------------------------------------
+
+
+def test_math_attention_matches_sdpa_with_shared_kv_heads():
+    """fp32: the explicit path (grouped k/v heads, causal bias inside the matmul, masks) equals SDPA on k/v
+    repeated per query head; the recorded probabilities come per query head."""
+    from vlmkit.models.attention import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (6, 2, 2))
+    repeat = lambda t: t.repeat_interleave(3, dim=1)  # noqa: E731
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.4
+    mask |= torch.eye(7, dtype=torch.bool)
+    recorded = []
+    for kwargs in ({"causal": True}, {"mask": mask}, {}):
+        ours = attention(q, k, v, impl="math", **kwargs)
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat(k), repeat(v), attn_mask=kwargs.get("mask"), is_causal=kwargs.get("causal", False))
+        assert torch.allclose(ours, reference, atol=1e-6), kwargs
+    attention(q, k, v, causal=True, record=recorded.append)
+    probs = recorded[0]
+    assert probs.shape == (2, 6, 7, 7) and torch.allclose(probs.sum(-1), torch.ones(2, 6, 7))
+    assert torch.equal(probs[:, :, 0, 1:], torch.zeros(2, 6, 6))  # causal: the first query sees itself only
+
+
+def test_rms_norm_backward_matches_autograd():
+    from vlmkit.models.language import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24, 1e-5)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    grad = torch.randn(3, 5, 24)
+
+    def reference(x):  # the forward RMSNorm runs without gradients, under autograd
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+    ours = norm(x)
+    with torch.no_grad():
+        assert torch.equal(ours, norm(x))  # the same forward with and without gradients
+    gx, gw = torch.autograd.grad(ours, (x, norm.weight), grad)
+    rx, rw = torch.autograd.grad(reference(x), (x, norm.weight), grad)
+    assert torch.allclose(gx, rx, atol=1e-6) and torch.allclose(gw, rw, atol=1e-5)
+
+
+def test_joint_linear_runs_adapted_layers_on_their_own():
+    from torch import nn
+
+    from vlmkit.models.kernels import joint_linear
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, n) for n in (4, 2, 2)]
+    x = torch.randn(3, 8)
+    assert all(torch.allclose(a, layer(x), atol=1e-6) for a, layer in zip(joint_linear(x, *layers), layers))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(a.dtype == torch.bfloat16 and torch.equal(a, layer(x))
+                   for a, layer in zip(joint_linear(x, *layers), layers))
+
+    class Adapted(nn.Linear):  # a layer with its own forward (as LoRA's) is never folded into the matmul
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    adapted = Adapted(8, 2)
+    out = joint_linear(x, layers[0], adapted)
+    assert torch.allclose(out[1], adapted(x)) and torch.allclose(out[0], layers[0](x), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(data_dir, tmp_path):  # noqa: F811
+    """optim.compile (inductor: needs a C++ compiler; minutes to compile on 2 CPU cores): the same losses
+    as the eager run to 1e-4 (fp32), over batches of varying lengths."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++)")
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        Trainer(config_for("instruct", data_dir, out, f"optim.compile={str(compiled).lower()}",
+                           "optim.train_vision=true")).fit()
+        losses[compiled] = metrics(out, "loss")
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
