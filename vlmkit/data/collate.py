@@ -3,7 +3,7 @@
 With packing, a batch's samples are laid end to end in rows of at most `pack_length` tokens (first-fit
 decreasing: longest first, each into the first row with room), so short samples stop paying for the
 padding up to the longest one. The batch keeps its samples, only their rows change; ``segment_ids``
-tells the model where each sample starts (its own positions and a block-diagonal causal mask).
+tell the model where each sample sits (its own positions from 0, attention within the sample only).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Under autocast q/k are bf16 while cos/sin follow the fp32 residual stream: keep q/k's dtype.
+    # LanguageModel.forward makes cos/sin in the compute dtype (bf16 under autocast); keep q/k's dtype anyway.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 

@@ -409,7 +409,8 @@ class VLMStage(Stage):
 
     def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
         # Right padding + causal attention: padding never influences real tokens, so no mask is
-        # needed and the fast causal kernel is used. Packed rows bring their segments (a block mask).
+        # needed and the fast causal kernel is used. Packed rows bring their segments: the LM then runs
+        # on their real tokens only, attending within each sample (see vlmkit.models.language.Varlen).
         return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                      image_counts=batch["image_counts"], logits=False,
                      image_features=batch.get("image_features"), segment_ids=batch.get("segment_ids")).loss
