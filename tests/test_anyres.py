@@ -320,6 +320,13 @@ def test_dataset_counts_each_image_by_its_size_and_batches_match_samples_alone(a
         for i, (s, out) in enumerate(zip(samples, alone)):
             n = len(s["input_ids"])
             assert torch.allclose(together.logits[i, :n], out.logits[0], atol=1e-5)
+        # Packed rows carry each image's size in the order the row's samples sit: the same loss.
+        packed = collate(samples, tokenizer.pad_id, pack_length=sum(len(s["input_ids"]) for s in samples))
+        assert len(packed["input_ids"]) == 1 and packed["image_counts"].tolist() == [4]
+        packed_loss = anyres_model(packed["input_ids"], packed["pixel_values"], labels=packed["labels"],
+                                   image_counts=packed["image_counts"], image_sizes=packed["image_sizes"],
+                                   segment_ids=packed["segment_ids"]).loss
+        assert torch.allclose(packed_loss, together.loss, atol=1e-5)
 
         # A frozen tower's features per tile give the same loss as the pixels.
         features = anyres_model.vision(processor.image_processor.normalize(dataset.image_pixels))

@@ -167,6 +167,10 @@ def test_strategy_is_checked_against_the_launch_and_the_stage(data_dir, tmp_path
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="strategy: fsdp runs one process per device, started by torchrun"):
         Trainer(stage_config(TINY_RECIPE, "instruct", overrides(data_dir, tmp_path, "strategy=fsdp")))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="strategy: fsdp does not train optim.lora adapters; use strategy: ddp"):
+        Trainer(stage_config(TINY_RECIPE, "instruct", overrides(data_dir, tmp_path, "strategy=fsdp", "optim.lora={}")))
 
 
 def test_which_runs_leave_weights_without_a_gradient(data_dir, tmp_path):
@@ -252,6 +256,19 @@ def test_two_processes_with_weights_some_batches_skip(strategy, data_dir, tmp_pa
     shutil.rmtree(resumed / "checkpoints" / "step-000012")
     resume(resumed, ["strategy=none"]).fit()
     assert_same_training(resumed, one)
+
+
+@pytest.mark.slow
+def test_packing_and_lora_on_two_ddp_processes_train_like_one(data_dir, one_process, tmp_path):
+    """Each process packs its own share; LoRA adapters train under DDP: the numbers stay one process's.
+    (`one_process` writes the recipe file the two processes read.)"""
+    pytest.importorskip("peft", reason="pip install 'vlmkit[lora]'")
+    extra = ["data.packing=true", "optim.lora={r: 4, alpha: 8, target_modules: [lm]}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    Trainer(stage_config(TINY_RECIPE, "instruct", overrides(data_dir, one, *extra))).fit()
+    train_on_two(data_dir, two, "strategy=ddp", *extra)
+    assert_same_training(two, one)
+    assert (two / "model" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -270,3 +270,27 @@ def test_token_merging_switched_on_at_evaluation(make_config, tokenizer, tmp_pat
     shuffled = VisionLanguageModel(make_config(connector={"name": "pixel_shuffle"}))
     with pytest.raises(ConfigError, match="the pixel_shuffle connector needs the patch grid"):
         shuffled.set_token_merging(1)
+
+
+def test_activation_checkpointing_replays_the_same_merges():
+    """Checkpointed blocks run again in the backward pass: with the merge state each block first saw, so the
+    gradients equal the plain run's (fp32), with proportional attention's float bias through `attention`."""
+    from vlmkit.models.memory import set_activation_checkpointing
+
+    _, vit = twin(small(), 4, proportional_attention=True)
+    vit.train()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        vit.zero_grad()
+        features, sizes = vit.features_and_sizes(pixels)
+        (features * sizes[..., None]).square().mean().backward()
+        return features.shape, {n: p.grad.clone() for n, p in vit.named_parameters()}
+
+    shape, plain = grads()
+    assert shape[1] == vit.num_feature_tokens((8, 8)) < 64
+    set_activation_checkpointing(vit)
+    shape_again, checkpointed = grads()
+    assert shape_again == shape
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=0, atol=1e-6), name

@@ -215,6 +215,14 @@ def test_temporal_pooling_groups_frames_and_the_batch_says_how(clip_model, token
         # The pooled image is the average of its frames' image tokens.
         tokens = model.encode_images(batch["pixel_values"])
         embeds = torch.stack([tokens[0], tokens[1:3].mean(0), tokens[3:5].mean(0)])
+        # Packed (the longer clip first in its row): the frame groups follow the samples, the loss is the same.
+        both = len(ds[0]["input_ids"]) + len(ds[1]["input_ids"])
+        packed = collate([ds[0], ds[1]], tokenizer.pad_id, pack_length=both)
+        assert packed["image_frames"].tolist() == [2, 2, 1] and packed["image_counts"].tolist() == [3]
+        packed_loss = model(packed["input_ids"], packed["pixel_values"], labels=packed["labels"],
+                            image_counts=packed["image_counts"], image_frames=packed["image_frames"],
+                            segment_ids=packed["segment_ids"]).loss
+    assert torch.allclose(packed_loss, loss, atol=1e-5)
     assert torch.isfinite(loss)
     assert torch.allclose(model.embed(batch["input_ids"], image_embeds=embeds, image_counts=batch["image_counts"]),
                           model.embed(batch["input_ids"], batch["pixel_values"], batch["image_counts"],

@@ -28,6 +28,7 @@ from vlmkit.hf.hub import (
     vision_family,
     vision_state_dict_from_hf,
 )
+from vlmkit.models import lora
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel
@@ -114,6 +115,10 @@ def tower_weights(directory: str | Path) -> StateDict:
     path = Path(directory) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+    adapted = lora.adapter_summary(directory)["layers"] if lora.has_adapter_files(directory) else []
+    if any(name.startswith("vision.") for name in adapted):
+        raise ValueError(f"{directory} holds LoRA adapters on its vision tower, which model.safetensors lacks: "
+                         f"fold them in with `vlmkit merge {directory} OUT` and start from OUT")
     with safe_open(str(path), framework="pt") as f:
         weights = {key.removeprefix("vision."): f.get_tensor(key) for key in f.keys() if key.startswith("vision.")}
     if not weights:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import VisionConfig
 from vlmkit.models.attention import attention
+from vlmkit.models.kernels import joint_linear
+from vlmkit.models.memory import run_block
 from vlmkit.models.token_merging import bipartite_merge, merged_token_count
 
 ACTIVATIONS = {
@@ -87,7 +91,8 @@ class Attention(nn.Module):
         """The attention output [B, N, D] and the keys averaged over heads [B, N, D / heads] (what token
         merging compares); `bias` [B, 1, 1, N] is added to the logits."""
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2)
+                   for t in joint_linear(x, self.q_proj, self.k_proj, self.v_proj))
         out = attention(q, k, v, bias)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), k.mean(dim=1)
 
@@ -153,6 +158,13 @@ class TokenMerge:
         return x
 
 
+def _merging_block(block: Block, x: torch.Tensor, merge: TokenMerge) -> tuple[torch.Tensor, TokenMerge]:
+    """`block(x, merge)` on a copy of the merge state, returned: the state given stays as it was, so that
+    activation checkpointing, which runs the block again in the backward pass, replays the same merges."""
+    merge = copy.copy(merge)
+    return block(x, merge), merge
+
+
 class ViT(nn.Module):
     """Vision Transformer.
 
@@ -172,6 +184,7 @@ class ViT(nn.Module):
         self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.post_layernorm else None
+        self.activation_checkpointing = False  # recompute each block in the backward (see models/memory.py)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -206,7 +219,10 @@ class ViT(nn.Module):
         merge = TokenMerge(x, tome.r, self.num_prefix_tokens, tome.proportional_attention) if tome.r else None
         states = [x]
         for block in self.blocks[: len(self.blocks) if num_blocks is None else num_blocks]:
-            x = block(x, merge)
+            if merge is None:
+                x = run_block(self, block, x)
+            else:
+                x, merge = run_block(self, _merging_block, block, x, merge)
             states.append(x)
         return states, merge
 

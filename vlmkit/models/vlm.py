@@ -264,13 +264,19 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         image_features: torch.Tensor | None = None,
         image_sizes: ImageSizes | None = None,
         image_frames: Sequence[int] | torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """`image_features` (the tower's output, see `project_features`) may replace `pixel_values`;
-        `image_sizes`: AnyRes only, each image's original (height, width); `image_frames` as in `fuse`."""
+        `image_sizes`: AnyRes only, each image's original (height, width); `image_frames` as in `fuse`.
+        `segment_ids` [B, L]: rows packed with several samples (see `LanguageModel.forward`); each row's
+        images (and their sizes and frames) are its samples' images in reading order, as for unpacked rows."""
         image_embeds = self.project_features(image_features, image_sizes) if image_features is not None else None
         fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes, image_frames)
+        if segment_ids is not None and fused.context is not None:
+            raise ValueError(f"packed rows (segment_ids) need a fusion that passes no layer context; "
+                             f"{self.config.fusion!r} would let one sample's text read another sample's image")
         return self.lm(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask, labels=labels, logits=logits,
-                       context=fused.context)
+                       context=fused.context, segment_ids=segment_ids)
 
     @torch.no_grad()
     def generate(

@@ -103,6 +103,11 @@ class Distributed:
         if strategy == "none":
             return cls(device=resolve_device(cfg.device))
         check_split(cfg, stage, world_size)
+        if strategy == "fsdp" and cfg.optim.lora is not None:
+            # The final model and one-process checkpoints are rebuilt from plain weights by name; an adapted
+            # model's names (peft's `base_layer`, `lora_A`, ...) are not those.
+            raise ConfigError("strategy: fsdp does not train optim.lora adapters; use strategy: ddp (the trained "
+                              "adapters are small, so replicating them costs little) or remove optim.lora")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(cfg.device)
         if device.type == "cuda":  # one device per process: the node's local rank picks it

@@ -55,10 +55,15 @@ class Stage:
     # share and the shares are weighted by `loss_count`. Not for losses that compare the samples of a
     # batch with each other (contrastive): a share alone does not give them.
     splits_across_ranks = True
+    packs = False  # whether its collate can pack samples into rows (`data.packing`)
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        if cfg.data.packing and not self.packs:
+            packing = [name for name, stage in STAGES.items() if stage.packs]
+            raise ConfigError(f"data.packing: the {self.name} stage does not pack samples (stages that do: "
+                              f"{', '.join(packing)}); remove data.packing")
 
     def data_path(self, name: str) -> Path:
         path = Path(name)
@@ -113,12 +118,14 @@ class Stage:
 
     @staticmethod
     def train_mode(model: nn.Module) -> None:
-        """Training mode for the parts that train; frozen parts stay in eval mode (a frozen conv stem's
-        BatchNorm must keep its running statistics, and cached features were computed in eval mode)."""
+        """Training mode for what trains; frozen modules stay in eval mode (a frozen conv stem's BatchNorm
+        must keep its running statistics, also under a tower that trains LoRA adapters, and cached
+        features were computed in eval mode). Modules without weights (dropout) follow their parent."""
         model.train()
-        for part in model.children():
-            if not any(p.requires_grad for p in part.parameters()):
-                part.eval()
+        for module in model.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 STAGES: dict[str, type[Stage]] = {}
@@ -368,6 +375,7 @@ class VLMStage(Stage):
     """
 
     starts_from = ("init_from", "vision_from", "connector_from")
+    packs = True
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
@@ -377,6 +385,13 @@ class VLMStage(Stage):
             log.info("added %s to the tokenizer as id %d", tokenizer.image_token, tokenizer.image_id)
 
     def build_model(self) -> VisionLanguageModel:
+        model = self.start_model()
+        if self.cfg.data.packing and model.config.fusion != "splice":
+            raise ConfigError(f"data.packing needs model.fusion: splice; with {model.config.fusion!r} a packed "
+                              "sample's text would read the images of the samples before it in its row")
+        return model
+
+    def start_model(self) -> VisionLanguageModel:
         if self.cfg.init_from:
             model = VisionLanguageModel.from_pretrained(self.cfg.init_from)
             if "video" in self.cfg.model:  # how clips are sampled is no part of the weights: the run's setting wins
@@ -427,7 +442,7 @@ class VLMStage(Stage):
         dataset.use_features(features.cpu() if self.cfg.data.resolved_num_workers() else features)
 
     def collate(self, batch: list) -> dict:
-        return collate(batch, self.tokenizer.pad_id)
+        return collate(batch, self.tokenizer.pad_id, self.cfg.data.max_length if self.cfg.data.packing else None)
 
     def loss_count(self, batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the next-token targets the loss averages
@@ -438,11 +453,12 @@ class VLMStage(Stage):
 
     def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
         # Right padding + causal attention: padding never influences real tokens, so no mask is
-        # needed and the fast causal kernel is used.
+        # needed and the fast causal kernel is used. Packed rows bring their segments: the LM then runs
+        # on their real tokens only, attending within each sample (see vlmkit.models.language.Varlen).
         return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                      image_counts=batch["image_counts"], logits=False,
                      image_features=batch.get("image_features"), image_sizes=batch.get("image_sizes"),
-                     image_frames=batch.get("image_frames")).loss
+                     image_frames=batch.get("image_frames"), segment_ids=batch.get("segment_ids")).loss
 
     @torch.no_grad()
     def evaluate(self, model: VisionLanguageModel, val) -> dict:

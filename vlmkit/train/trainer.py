@@ -42,6 +42,7 @@ from vlmkit.io import atomic_directory, write_json_atomic
 from vlmkit.models.vlm import resolve_model_dir
 from vlmkit.train.config import RunConfig, run_config_to_dict
 from vlmkit.train.distributed import Distributed, is_sharded_checkpoint, load_sharded_checkpoint
+from vlmkit.train.efficiency import compile_model, prepare_model
 from vlmkit.train.optim import build_optimizer, build_scheduler
 from vlmkit.train.recipe import load_run_config
 from vlmkit.train.sampler import ResumableBatchSampler
@@ -104,8 +105,10 @@ class Trainer:
         self.stage: Stage = stage_type(cfg, self.tokenizer)
         self.model = self.stage.build_model()
         self.stage.set_trainable(self.model)
+        prepare_model(self.model, cfg.optim)  # LoRA adapters, activation checkpointing
         self.model.to(self.device)
         self.train_set, self.val_set = self.stage.datasets(self.model)
+        compile_model(self.model, cfg.optim)  # after the datasets: a frozen tower's features are computed eagerly
         self.num_workers = cfg.data.resolved_num_workers()
         self.sampler = ResumableBatchSampler(dataset_lengths(self.train_set), cfg.optim.batch_size, cfg.seed,
                                              rank=self.dist.rank, world_size=self.dist.world_size,
@@ -329,15 +332,13 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from a checkpoint, written by this number of processes or another."""
-        from safetensors.torch import load_model
-
         blob = torch.load(path / "training_state.pt", weights_only=True, map_location=self.device)
         if is_sharded_checkpoint(path):
             load_sharded_checkpoint(path, self.model, self.optimizer)
         elif self.dist.strategy == "fsdp":
             self.dist.load_plain_checkpoint(path, self.model, self.optimizer, blob["optimizer"])
         else:
-            load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+            self.model.load_weights(path, self.device)  # with its LoRA adapters, if any
             self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["torch_rng"].cpu())
