@@ -14,6 +14,15 @@ CORPUS = [
 ] * 20
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on machines without a CUDA device."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=320)
@@ -29,7 +38,7 @@ def tiny_config(tokenizer, **overrides) -> ModelConfig:
         "connector": {"name": "mlp2x_gelu"},
     }
     for key, value in overrides.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return ModelConfig.from_dict(data)
 
 

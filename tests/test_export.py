@@ -116,3 +116,84 @@ def test_unsupported_parts_are_named(make_config, tokenizer, tmp_path, capsys):
     conv = VisionLanguageModel(make_config(vision={"stem": "conv", "feature_norm": False}))
     with pytest.raises(ExportError, match=r"vision.stem 'conv': .* one patchify conv"):
         export_llava_hf(conv, tokenizer, tmp_path / "y")
+
+
+# -- LLaVA-NeXT (AnyRes) -------------------------------------------------------------------------------
+
+PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+NEXT_CASES = {  # the Llava cases with AnyRes (a tower's CLS token has no place in the joined tile grids)
+    **{case: {**overrides, "vision": {**overrides["vision"], "keep_cls": False},
+              "image": {"anyres": {"grid_pinpoints": PINPOINTS}}} for case, overrides in CASES.items()},
+    # 48 px tiles for a tower configured at 32 px: the exported tower runs at the tile size.
+    "clip-tiles-48": {**CASES["clip-llama-mlp"], "image": {"anyres": {"grid_pinpoints": [[48, 96], [96, 96]],
+                                                                        "base": 48}}},
+}
+
+
+def next_batch(model, tokenizer, sizes):
+    """Prompts about images of `sizes`, right-padded, with the tiles both models read."""
+    from vlmkit.data.processor import VLMProcessor
+
+    processor = VLMProcessor.for_model(model, tokenizer)
+    rng = np.random.default_rng(0)
+    tiles = [processor.preprocess(Image.fromarray(rng.integers(0, 256, (*s, 3), dtype=np.uint8))) for s in sizes]
+    rows = [processor.prompt("what color is the square?", image_size=t.size).input_ids for t in tiles]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tokenizer.pad_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return tiles, rows, ids, mask
+
+
+@pytest.mark.parametrize("case", sorted(NEXT_CASES))
+def test_llava_next_logits_match_ours(case, make_config, tokenizer, tmp_path):
+    model = random_model(make_config(**NEXT_CASES[case]))
+    out = export_llava_hf(model, tokenizer, tmp_path / "next", "llava-next-hf")
+    ref, info = transformers.LlavaNextForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref.eval()
+    base = model.config.image.anyres.base
+    tiles, rows, ids, mask = next_batch(model, tokenizer, [(40, 90), (100, 37), (2 * base, 2 * base)])
+    padded = torch.zeros(len(tiles), max(len(t.pixels) for t in tiles), 3, base, base)
+    for i, t in enumerate(tiles):
+        padded[i, : len(t.pixels)] = t.pixels
+    with torch.no_grad():
+        expected = model(ids, torch.cat([t.pixels for t in tiles]), attention_mask=mask,
+                         image_sizes=[t.size for t in tiles]).logits
+        got = ref(input_ids=ids, attention_mask=mask, pixel_values=padded,
+                  image_sizes=torch.tensor([t.size for t in tiles])).logits
+    for i, row in enumerate(rows):
+        assert (expected[i, : len(row)] - got[i, : len(row)]).abs().max().item() <= TOL
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava_next" and config["vision_config"]["image_size"] == base
+    assert config["image_grid_pinpoints"] == [list(p) for p in model.config.image.anyres.grid_pinpoints]
+
+
+def test_cli_exports_llava_next_with_a_processor_that_tiles_as_we_do(make_config, tokenizer, tmp_path, capsys):
+    model = random_model(make_config(**NEXT_CASES["siglip-llama-mlp"]))
+    model.save_pretrained(tmp_path / "model", tokenizer)
+    out = tmp_path / "next"
+    assert main(["export", str(tmp_path / "model"), str(out)]) == 0  # the format follows the model
+    assert "(llava-next-hf)" in capsys.readouterr().out
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    tiles, rows, _, _ = next_batch(model, tokenizer, [(100, 37)])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 37, 3), dtype=np.uint8))
+    text = ChatFormat(tokenizer, 1).render([{"role": "user", "content": "<image>\nwhat color is the square?"}],
+                                           add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == rows[0]  # <image> expanded to our count for this size
+    assert torch.equal(inputs["pixel_values"][0], tiles[0].pixels)
+    ref = transformers.LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = model(inputs["input_ids"], tiles[0].pixels, image_sizes=[tiles[0].size]).logits
+        got = ref(**inputs).logits
+    assert (expected - got).abs().max().item() <= TOL
+
+
+def test_formats_refuse_the_other_kind_of_model(make_config, tokenizer, tmp_path):
+    anyres_model = VisionLanguageModel(make_config(**NEXT_CASES["clip-llama-mlp"]))
+    with pytest.raises(ExportError, match="cannot export to llava-hf: image.anyres: .* --format llava-next-hf"):
+        export_llava_hf(anyres_model, tokenizer, tmp_path / "x")
+    plain = VisionLanguageModel(make_config(**CASES["clip-llama-mlp"]))
+    with pytest.raises(ExportError, match="cannot export to llava-next-hf: no image.anyres"):
+        export_llava_hf(plain, tokenizer, tmp_path / "y", "llava-next-hf")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -4,6 +4,7 @@
     data, models                    neither imports the other
     hf                              Hugging Face interop: on top of data and models
     train, eval                     on top of all of the above
+    serve                           the HTTP server: on top of data, models, hf and eval
     commands, cli                   the command line
 """
 
@@ -14,11 +15,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vlmkit"
 FORBIDDEN = {  # layer -> layers it must not import
-    "data": {"models", "hf", "train", "eval", "commands", "cli"},
-    "models": {"data", "hf", "train", "eval", "commands", "cli"},
-    "hf": {"train", "eval", "commands", "cli"},
-    "train": {"commands", "cli"},
-    "eval": {"train", "commands", "cli"},
+    "data": {"models", "hf", "train", "eval", "serve", "commands", "cli"},
+    "models": {"data", "hf", "train", "eval", "serve", "commands", "cli"},
+    "hf": {"train", "eval", "serve", "commands", "cli"},
+    "train": {"serve", "commands", "cli"},
+    "eval": {"train", "serve", "commands", "cli"},
+    "serve": {"train", "commands", "cli"},
 }
 
 

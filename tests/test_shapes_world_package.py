@@ -88,7 +88,7 @@ def test_output_matches_the_generator_before_the_split(tmp_path, name):
     assert _digests(tmp_path) == PINNED[name]
 
 
-MODULES = ["shapes", "spec", "generate", "render", "language", "records", "multi", "dataset"]
+MODULES = ["shapes", "spec", "generate", "render", "language", "records", "multi", "video", "dataset"]
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter():

@@ -78,6 +78,9 @@ def test_installed_wheel_runs_built_in_and_own_recipes(tmp_path):
                     "print(sorted(read_recipe('demo')['stages']), sorted(read_recipe('smol-dino')['stages']))"],
                    tmp_path, env)
     assert "'instruct'" in built_in
+    page = run([str(python), "-c", "from importlib import resources\n"
+                "print(resources.files('vlmkit.serve').joinpath('static/index.html').read_text())"], tmp_path, env)
+    assert "<title>vlmkit</title>" in page  # the server's web page ships in the wheel
 
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY_RECIPE, sort_keys=False))
     out = run([str(venv / "bin" / "vlmkit"), "demo", "--recipe", "tiny.yaml", "--out", "demo"], tmp_path, env)

@@ -16,9 +16,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.commands.eval", "evaluate a trained model on a split"),
     "chat": ("vlmkit.commands.chat", "ask a trained model a question (optionally about an image)"),
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
+    "tokens": ("vlmkit.commands.tokens", "plan a token budget: visual tokens, KV cache, attention cost, frames"),
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
-    "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava format"),
+    "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava / LLaVA-NeXT format"),
+    "merge": ("vlmkit.commands.merge", "fold a run's LoRA adapters into a plain vlmkit model"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),
+    "serve": ("vlmkit.commands.serve", "serve a model over HTTP (OpenAI Chat Completions API, web page)"),
 }
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return importlib.import_module(args._module).run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError, ImportError) as err:
         if os.environ.get("VLMKIT_DEBUG"):  # full traceback when chasing a bug
             raise
         print(f"vlmkit {args.command}: error: {err}", file=sys.stderr)

@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from vlmkit.anyres import check_grid_pinpoints
+
 T = TypeVar("T")
 
 
@@ -33,14 +35,25 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value or {}, f"{where}.{name}")
+        section = _section_class(hint)
+        if section is not None and (value is not None or section is hint):  # `X | None` sections may be null
+            kwargs[name] = from_dict(section, value or {}, f"{where}.{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _section_class(hint: Any) -> type | None:
+    """The dataclass a field holds: the hint itself, or X of an optional section `X | None`."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes = [arg for arg in typing.get_args(hint) if dataclasses.is_dataclass(arg)]
+        return classes[0] if len(classes) == 1 else None
+    return None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -78,6 +91,19 @@ def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -
 
 
 @dataclass
+class TokenMergingConfig:
+    """ToMe in the vision tower (see models/token_merging.py): `r` tokens merged away per block."""
+
+    r: int = 0  # 0: no merging, the plain ViT
+    proportional_attention: bool = True  # add log(size) to the attention logits of merged tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ConfigError(f"vision.token_merging.r: expected an integer >= 0 (tokens merged per block), "
+                              f"got {self.r!r}")
+
+
+@dataclass
 class VisionConfig:
     """A ViT. Defaults are a tiny from-scratch tower; loaders fill in CLIP/SigLIP/DINOv2 values."""
 
@@ -111,8 +137,12 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pretrained: str | None = None  # the HF checkpoint directory a VLM's tower is built from (see hf/pretrained.py)
+    # Token merging (ToMe): fewer, size-weighted tokens after each block; r = 0 leaves the tower as it is.
+    token_merging: TokenMergingConfig = field(default_factory=TokenMergingConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.token_merging, dict):
+            self.token_merging = from_dict(TokenMergingConfig, self.token_merging, "vision.token_merging")
         _check_choice("vision", "activation", self.activation, ("quick_gelu", "gelu", "gelu_tanh"))
         _check_choice("vision", "stem", self.stem, ("patchify", "conv"))
         if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
@@ -145,6 +175,10 @@ class VisionConfig:
     def num_selected_blocks(self) -> int:
         """How many blocks must run to produce the selected layer (later ones are skipped)."""
         return self.select_layer % (self.num_layers + 1)
+
+    @property
+    def merges_tokens(self) -> bool:
+        return self.token_merging.r > 0
 
 
 @dataclass
@@ -195,11 +229,59 @@ class ConnectorConfig:
     cross_attention_frequency: int = 2  # qformer: queries cross-attend to the image every this many layers (BLIP-2: 2)
 
 
+SAMPLINGS = ("uniform", "change")
+
+
+@dataclass
+class VideoConfig:
+    """How a clip (a record's or question's ``video``) becomes image tokens; see vlmkit/data/video.py.
+
+    Frames are chosen so that kept frames x image tokens per frame <= `budget` (after `temporal_pool`,
+    which averages the tokens of that many adjacent kept frames into one frame's worth), `uniform`ly
+    over the clip or where the picture `change`s most. Each kept frame (or pooled group) is shown to
+    the LM after a text marker, "Frame 3: " (or "Frames 5-6: "), so the order of frames is in the text.
+    """
+
+    budget: int | None = None  # image tokens per clip; None: every frame of the clip
+    sampling: str = "uniform"  # uniform | change
+    temporal_pool: int = 1  # 1: every kept frame is its own image; 2: adjacent pairs are averaged
+
+    def __post_init__(self) -> None:
+        _check_choice("model.video", "sampling", self.sampling, SAMPLINGS)
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise ConfigError(f"model.video.budget: expected image tokens per clip (an integer >= 1) or null, "
+                              f"got {self.budget!r}")
+        pool = self.temporal_pool
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ConfigError(f"model.video.temporal_pool: expected an integer >= 1 (frames averaged), got {pool!r}")
+
+
+@dataclass
+class AnyResConfig:
+    """LLaVA-NeXT's AnyRes tiling (see vlmkit/anyres.py): each image is cut into `base`-pixel tiles at the
+    candidate resolution that fits it best, plus a thumbnail; its token count follows its size."""
+
+    grid_pinpoints: list[tuple[int, int]] = field(default_factory=list)  # candidate [height, width]s, in px
+    base: int | None = None  # tile side in px (None: vision.image_size); a multiple of vision.patch_size
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes the tower's input: one resized square (the default), or AnyRes tiles.
+
+    A section of its own, not part of `vision`: the tower only ever sees squares; tiling decides what it
+    is shown and how the tiles' tokens are joined for the LM (with a learned newline token)."""
+
+    anyres: AnyResConfig | None = None
+
+
 @dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     image_token_id: int = 0  # id of the image placeholder token in the tokenizer
     # How image tokens reach the LM (see models/fusion.py): "splice" writes them over the placeholders
     # (one placeholder per image token); "cross_attention" (Flamingo) keeps one placeholder per image
@@ -210,8 +292,12 @@ class ModelConfig:
     # cross_attention: which images a text token sees: "latest" (the last image at or before it, as
     # Flamingo) or "all_previous" (every image at or before it). Tokens before any image see none.
     cross_attention_media: str = "latest"
+    # Clips (records with "video"): how many frames, which, pooled or not; see VideoConfig.
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.video, dict):
+            self.video = from_dict(VideoConfig, self.video, "model.video")
         _check_choice("model", "cross_attention_media", self.cross_attention_media, ("latest", "all_previous"))
         every = self.cross_attention_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -219,6 +305,39 @@ class ModelConfig:
         if self.fusion == "cross_attention" and self.cross_attention_every > self.lm.num_layers:
             raise ConfigError(f"model.cross_attention_every {self.cross_attention_every} is more than the LM's "
                               f"{self.lm.num_layers} layers: no cross-attention block would be placed")
+        anyres = self.image.anyres
+        if anyres is not None:
+            if anyres.base is None:
+                anyres.base = self.vision.image_size
+            base = anyres.base
+            if isinstance(base, bool) or not isinstance(base, int) or base < 1 or base % self.vision.patch_size:
+                raise ConfigError(f"model.image.anyres.base {anyres.base!r} must be a multiple of vision.patch_size "
+                                  f"{self.vision.patch_size}")
+            try:
+                anyres.grid_pinpoints = check_grid_pinpoints(anyres.grid_pinpoints, anyres.base, "model.image.anyres")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.vision.keep_cls:
+                raise ConfigError("model.image.anyres joins the tiles' patch grids: the CLS token has no place in "
+                                  "them; set vision.keep_cls: false")
+            # Clip frames are resized squares (data/video.py), never tiles: AnyRes would tile each frame.
+            if self.video != VideoConfig():
+                raise ConfigError("model.video sets how clips are sampled, but a model with model.image.anyres takes "
+                                  "no clips (their frames are resized squares, not AnyRes tiles); remove model.video "
+                                  "or model.image.anyres")
+        self.check_token_merging(self.vision.token_merging.r)
+
+    def check_token_merging(self, r: int) -> None:
+        """Refuse token merging (`r` tokens per block) where image tokens must keep their patch places;
+        also called when a built model switches merging on (`VisionLanguageModel.set_token_merging`)."""
+        if r and self.video.temporal_pool > 1:
+            raise ConfigError(f"vision.token_merging.r {r}: model.video.temporal_pool {self.video.temporal_pool} "
+                              "averages the t-th image tokens of adjacent frames, which merging makes stand for "
+                              "different places; set vision.token_merging.r: 0 or model.video.temporal_pool: 1")
+        if r and self.image.anyres is not None:
+            raise ConfigError(f"vision.token_merging.r {r}: model.image.anyres lays each tile's tokens out on its "
+                              "patch grid (unpadding, a newline token per row), which token merging removes; set "
+                              "vision.token_merging.r: 0 or remove model.image.anyres")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-severities", type=_severities, default=(0, 1, 2, 3, 4, 5), metavar="S,S,...",
                    help="reliability: corruption/shift severities to measure, e.g. 0,3,5 (default: 0,1,2,3,4,5)")
     p.add_argument("--seed", type=int, default=0, help="reliability: seed of every sampled probe")
+    p.add_argument("--token-merging", type=int, metavar="R",
+                   help="standard: merge R vision tokens per tower block (ToMe) whatever the model was trained with; "
+                        "0 switches it off (needs a connector that takes any number of tokens)")
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.device import resolve_device
 
     device = str(resolve_device(args.device))
+    if args.suite == "reliability" and args.token_merging is not None:
+        raise ValueError("--token-merging applies to the standard suite only")
     if args.suite == "reliability":
         from vlmkit.eval.reliability import run_reliability, summary_markdown
 
@@ -58,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("instances", "images", "chair_lexicon"):
         if getattr(args, flag):
             raise ValueError(f"--{flag.replace('_', '-')} only applies with --suite reliability")
+    if args.token_merging is not None and args.token_merging < 0:
+        raise ValueError(f"--token-merging must be >= 0, got {args.token_merging}")
     from vlmkit.eval.run_eval import evaluate, print_report
 
-    results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out)
+    results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out,
+                       token_merging=args.token_merging)
     print_report(results)
     return 0

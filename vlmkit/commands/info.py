@@ -22,8 +22,17 @@ def run(args: argparse.Namespace) -> int:
     size = cfg.vision.image_size
     print(f"connector         {cfg.connector.name}: {count(model.connector) / 1e6:.2f}M params, "
           f"{model.connector_token_count(size, size)} tokens per image")
+    anyres = cfg.image.anyres
+    if anyres is not None:
+        th, tw = model.tile_token_grid
+        largest = max(anyres.grid_pinpoints, key=lambda p: p[0] * p[1])
+        print(f"AnyRes tiling     {anyres.base}px tiles of {th * tw} tokens + a thumbnail, grids "
+              f"{', '.join(f'{h // anyres.base}x{w // anyres.base}' for h, w in anyres.grid_pinpoints)}: "
+              f"{model.image_token_count(*largest)} tokens for a {largest[0]}x{largest[1]} image "
+              "(the count follows each image's size; `vlmkit tokens --model` for others)")
     print(f"fusion            {cfg.fusion}: {count(model.fusion) / 1e6:.2f}M params, "
-          f"{model.tokens_per_image} placeholder token(s) per <image>")
+          f"{model.tokens_per_image} placeholder token(s) per <image>"
+          f"{f' of {size}x{size} px' if anyres is not None else ''}")
     print(f"language model    {cfg.lm.num_layers} layers x {cfg.lm.hidden_size}, vocab {cfg.lm.vocab_size}: "
           f"{count(model.lm) / 1e6:.2f}M params")
     return 0

@@ -1,4 +1,6 @@
-"""`vlmkit train --config X.yaml [--set key=value ...]` or `vlmkit train --resume RUN_DIR`."""
+"""`vlmkit train --config X.yaml [--set key=value ...]` or `vlmkit train --resume RUN_DIR`.
+
+On several devices: `torchrun --nproc_per_node N -m vlmkit train ...` (see vlmkit/train/distributed.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
         trainer = resume(args.resume, overrides)
     else:
         trainer = Trainer(load_run_config(args.config, overrides, args.stage))
-    results = trainer.fit()
-    print(json.dumps(results, indent=2))
-    print(f"model written to {trainer.run_dir / 'model'}")
+    try:
+        results = trainer.fit()
+    finally:
+        trainer.dist.close()
+    if trainer.dist.is_main:  # under torchrun, the other processes stay quiet
+        print(json.dumps(results, indent=2))
+        print(f"model written to {trainer.run_dir / 'model'}")
     return 0

@@ -73,13 +73,19 @@ def attention_diagnostics(model: VisionLanguageModel, tokenizer: Tokenizer, reco
     model.eval()
     device = next(model.parameters()).device
     processor = VLMProcessor.for_model(model, tokenizer)
-    prompts = [processor.prompt(r["question"]).input_ids for r in records]
+    images = [processor.preprocess(load_image(Path(image_root) / r["image"])) for r in records]
+    prompts = [processor.prompt(r["question"], image_size=processor.size_of(image)).input_ids
+               for r, image in zip(records, images)]
     stats: list[dict[str, Any]] = [{} for _ in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in chunk], tokenizer.pad_id)
-        pixels = torch.stack([processor.preprocess(load_image(Path(image_root) / records[i]["image"])) for i in chunk])
+        if processor.tiling:  # AnyRes: every image's tiles, and the sizes that say which are whose
+            pixels = torch.cat([images[i].pixels for i in chunk])
+            extra = {"image_sizes": [images[i].size for i in chunk]}
+        else:
+            pixels, extra = torch.stack([images[i] for i in chunk]), {}
         image_keys = (ids == tokenizer.image_id).to(device)
         n_images, n_real = image_keys.sum(-1), mask.to(device).sum(-1)
         steps: list[list[tuple[torch.Tensor, ...]]] = []  # [forward][layer] -> (share, entropy, uniform) [B]
@@ -96,7 +102,7 @@ def attention_diagnostics(model: VisionLanguageModel, tokenizer: Tokenizer, reco
 
         with recording_attention(model.lm, on_probs), autocast(device, precision):
             out = model.generate(ids.to(device), mask.to(device), pixels.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=processor.end_of_turn_id)
+                                 eos_token_id=processor.end_of_turn_id, **extra)
         picks = min(len(steps), max_new_tokens)  # steps[t] is the forward pass that chose token t
         for row, i in enumerate(chunk):
             n = min(len(out[row]) + 1, picks)  # the answer's tokens plus the end-of-turn token

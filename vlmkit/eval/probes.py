@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmkit.data.images import ImageProcessor
+from vlmkit.data.images import ImageProcessor, Tiles, load_image
 from vlmkit.eval.metrics import normalize_answer, parse_yes_no
 
 GREY_RGB = (128, 128, 128)
@@ -63,15 +63,26 @@ def _type(record: Mapping[str, Any]) -> str:
 # Blind
 
 
-def blank_image(processor: ImageProcessor) -> torch.Tensor:
-    return processor(Image.new("RGB", (processor.size, processor.size), GREY_RGB))
+def blank_image(processor: ImageProcessor, size: tuple[int, int] | None = None) -> torch.Tensor | Tiles:
+    """A grey image, preprocessed; `size`: its (height, width) before preprocessing (default: the
+    processor's square), which decides the grid of a tiling (AnyRes) processor's `Tiles`."""
+    height, width = size or (processor.size, processor.size)
+    image = Image.new("RGB", (width, height), GREY_RGB)
+    return processor.tiles(image) if processor.tiling else processor(image)
 
 
-def mean_image(processor: ImageProcessor, paths: Sequence[Path]) -> torch.Tensor:
+def mean_image(processor: ImageProcessor, paths: Sequence[Path]) -> torch.Tensor | Tiles:
     """Pixel mean of the images (as the model sees them); normalisation is linear, so this is the
-    normalised mean image."""
+    normalised mean image. A tiling processor averages the images' `Tiles`, which needs images of one size."""
     if not paths:
         raise ValueError("mean_image needs at least one image")
+    if processor.tiling:
+        tiles = [processor.tiles(load_image(path)) for path in paths]
+        sizes = {t.size for t in tiles}
+        if len(sizes) > 1:
+            raise ValueError(f"mean_image: AnyRes tiles of images of different sizes {sorted(sizes)} cannot be "
+                             "averaged; give images of one size")
+        return Tiles(torch.stack([t.pixels for t in tiles]).mean(dim=0), tiles[0].size)
     total = torch.zeros(3, processor.size, processor.size)
     for path in paths:
         total += processor(path)

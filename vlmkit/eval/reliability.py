@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from vlmkit import __version__
+from vlmkit.data.images import load_image
 from vlmkit.data.shapes_world import CAPTION_PROMPTS
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval import chair as chair_lib
@@ -248,7 +249,11 @@ def _blind(answerer: Answerer, dataset: ObjectDataset, asked: list[dict], pool: 
            seed: int) -> tuple[dict[str, Any], list[str]]:
     questions = [r["question"] for r in asked]
     with_image = answerer.answer_records(asked, dataset.image_root)
-    blank = probes.blank_image(answerer.processor.image_processor)
+    size = None
+    if answerer.processor.tiling:  # AnyRes: a blank of the data's image size, whose grid follows it
+        first = load_image(dataset.image_root / dataset.images[0].image)
+        size = (first.height, first.width)
+    blank = probes.blank_image(answerer.processor.image_processor, size)
     mean_from = seeded_subset(dataset.images, 256, seed)
     mean = probes.mean_image(answerer.processor.image_processor, [dataset.image_root / im.image for im in mean_from])
     predictions = {"image": with_image,

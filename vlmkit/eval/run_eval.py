@@ -1,8 +1,10 @@
 """Evaluate a trained VLM on a shapes-world style split: VQA, POPE, grounding, compositional, and the
-two-image questions of ``multi_{split}_qa.jsonl`` when the data has them."""
+two-image questions of ``multi_{split}_qa.jsonl`` and the clip questions of ``video_{split}_qa.jsonl``
+when the data has them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,12 +19,14 @@ from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 # Held-out splits scored beside the asked one when the data has them: unseen colour-shape pairs, and
 # training's pairs drawn differently (see vlmkit.data.shapes_world).
 EXTRA_SPLITS = ("compositional", "variants")
+log = logging.getLogger("vlmkit.eval")
 
 
 def extra_splits(split: str) -> tuple[str, ...]:
     """The splits scored beside `split` when their question files exist: `EXTRA_SPLITS`, then
-    ``multi_{split}``: questions about two images (`vlmkit synth --multi-image N`)."""
-    return (*EXTRA_SPLITS, f"multi_{split}")
+    ``multi_{split}``: questions about two images (`vlmkit synth --multi-image N`), and ``video_{split}``:
+    questions about clips (`vlmkit synth --video N`; the model's `model.video` budget picks the frames)."""
+    return (*EXTRA_SPLITS, f"multi_{split}", f"video_{split}")
 
 
 def data_root_of(run_dir: Path) -> Path:
@@ -35,14 +39,18 @@ def data_root_of(run_dir: Path) -> Path:
 
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, token_merging: int | None = None) -> dict:
     """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
     present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
-    directory) and return the results. Question records may name one image or a list of images."""
+    directory) and return the results. Question records may name one image or a list of images.
+    `token_merging`: merge that many vision tokens per block (ToMe; 0: off), whatever the model was trained
+    with (recorded in the results as `token_merging_r`)."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
     model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    if token_merging is not None:
+        model.set_token_merging(token_merging)
     answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
     results: dict = {}
     samples: dict[str, list] = {}
@@ -51,12 +59,17 @@ def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | N
         path = root / f"{name}_qa.jsonl"
         if name != split and not path.is_file():
             continue
+        if name == f"video_{split}" and answerer.processor.video is None:
+            log.warning("%s not scored: this model takes no clips (model.image.anyres)", name)
+            continue
         records = read_jsonl(path)[:limit]
         with torch.inference_mode():
             predictions = answerer.answer_records(records, root)
         results[name] = score(records, predictions)
         samples[name] = [{**r, "prediction": p} for r, p in zip(records, predictions)]
     final = {**results.pop(split), "split": split}
+    if model.config.vision.merges_tokens:
+        final["token_merging_r"] = model.config.vision.token_merging.r
     final.update({name: results[name] for name in extra if name in results})
     final["examples"] = samples[split][:20]
     write_json_atomic(Path(out) if out else run_dir / "eval.json", final)

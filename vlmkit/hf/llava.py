@@ -1,4 +1,5 @@
-"""Export a VisionLanguageModel to the format of transformers' `LlavaForConditionalGeneration`.
+"""Export a VisionLanguageModel to the format of transformers' `LlavaForConditionalGeneration`, or, for a
+model that cuts images into AnyRes tiles (`model.image.anyres`), `LlavaNextForConditionalGeneration`.
 
 Written directly as config dicts and tensors (transformers is not needed to export). The vision
 tower becomes the transformers family its options match: CLIP (CLS token + pre-norm), DINOv2 (CLS
@@ -11,6 +12,9 @@ an identity activation and an identity second layer. Keys follow the layout tran
 
 What Llava cannot express is an `ExportError` naming the part: connectors other than `linear` /
 `mlp2x_gelu`, and `vision.feature_norm: true` (Llava feeds raw hidden states to its projector).
+
+LLaVA-NeXT adds the AnyRes grid pinpoints, the learned `image_newline` and an image processor that
+tiles as vlmkit does; its tower runs at the tile size (`image.anyres.base`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel
 
 SUPPORTED_CONNECTORS = ("linear", "mlp2x_gelu")
+FORMATS = {"llava-hf": "LlavaForConditionalGeneration", "llava-next-hf": "LlavaNextForConditionalGeneration"}
 HF_ACTIVATION_NAMES = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
@@ -38,9 +43,17 @@ class ExportError(ValueError):
     """The model has a part the target format cannot express; the message names it."""
 
 
-def check_exportable(model: VisionLanguageModel) -> None:
+def check_exportable(model: VisionLanguageModel, fmt: str = "llava-hf") -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
     cfg = model.config
     problems = []
+    if fmt == "llava-hf" and cfg.image.anyres is not None:
+        problems.append("image.anyres: Llava resizes every image to one square; export an AnyRes model with "
+                        "--format llava-next-hf")
+    if fmt == "llava-next-hf" and cfg.image.anyres is None:
+        problems.append("no image.anyres: LLaVA-NeXT cuts every image into tiles; export this model with "
+                        "--format llava-hf")
     if cfg.connector.name not in SUPPORTED_CONNECTORS:
         problems.append(f"connector {cfg.connector.name!r}: Llava's projector is a linear or 2-layer MLP "
                         f"(supported: {list(SUPPORTED_CONNECTORS)})")
@@ -55,8 +68,11 @@ def check_exportable(model: VisionLanguageModel) -> None:
     if cfg.vision.pre_layernorm and not cfg.vision.use_cls_token:
         problems.append("vision: a pre-norm tower without a CLS token matches no vision model Llava can use "
                         "(CLIP has both, SigLIP neither)")
+    if cfg.vision.merges_tokens:
+        problems.append(f"vision.token_merging.r {cfg.vision.token_merging.r}: Llava's vision towers do not merge "
+                        "tokens (export with token_merging.r: 0; the weights are the same)")
     if problems:
-        raise ExportError("cannot export to llava-hf: " + "; ".join(problems))
+        raise ExportError(f"cannot export to {fmt}: " + "; ".join(problems))
 
 
 def vision_family_for(cfg: VisionConfig) -> VisionFamily:
@@ -68,9 +84,11 @@ def vision_family_for(cfg: VisionConfig) -> VisionFamily:
 # -- vision ------------------------------------------------------------------------------------
 
 
-def vision_config_to_hf(cfg: VisionConfig, family: VisionFamily) -> dict[str, Any]:
+def vision_config_to_hf(cfg: VisionConfig, family: VisionFamily, image_size: int | None = None) -> dict[str, Any]:
+    """`image_size`: the size the HF tower runs at (default: the configured one)."""
     common = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-              "num_attention_heads": cfg.num_heads, "num_channels": cfg.num_channels, "image_size": cfg.image_size,
+              "num_attention_heads": cfg.num_heads, "num_channels": cfg.num_channels,
+              "image_size": image_size or cfg.image_size,
               "patch_size": cfg.patch_size, "hidden_act": HF_ACTIVATION_NAMES[cfg.activation],
               "layer_norm_eps": cfg.layer_norm_eps}
     if family is DINOV2:
@@ -86,13 +104,15 @@ def vision_config_to_hf(cfg: VisionConfig, family: VisionFamily) -> dict[str, An
     return {"model_type": "clip_vision_model", **common, "projection_dim": cfg.hidden_size}
 
 
-def vision_state_dict_to_hf(vit: ViT, family: VisionFamily) -> StateDict:
-    """The tower's weights under the family's HF names, with what the family lacks folded in."""
+def vision_state_dict_to_hf(vit: ViT, family: VisionFamily, image_size: int | None = None) -> StateDict:
+    """The tower's weights under the family's HF names, with what the family lacks folded in;
+    `image_size` as `vision_config_to_hf`."""
     cfg = vit.config
     state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     d = cfg.hidden_size
     # HF towers read stored position embeddings at their configured size: store them for ours.
-    positions = vit.embeddings.positions_for((cfg.grid_size, cfg.grid_size)).detach().clone()
+    grid = (image_size or cfg.image_size) // cfg.patch_size
+    positions = vit.embeddings.positions_for((grid, grid)).detach().clone()
     if family is CLIP and cfg.patch_bias:  # CLIP's patch conv has no bias; it adds to every patch position
         positions[1:] += state.pop("embeddings.proj.bias")
     if family is not CLIP and not cfg.patch_bias:
@@ -162,41 +182,58 @@ def projector_to_hf(model: VisionLanguageModel) -> tuple[StateDict, str]:
 # -- the whole model ---------------------------------------------------------------------------
 
 
-def export_llava_hf(model: VisionLanguageModel, tokenizer: Tokenizer, out: str | Path) -> Path:
+def export_llava_hf(model: VisionLanguageModel, tokenizer: Tokenizer, out: str | Path,
+                    fmt: str = "llava-hf") -> Path:
     """Write `out` (atomically): config.json, model.safetensors, generation_config.json, the tokenizer
-    (with its chat template) and an image-processor / processor config for `LlavaProcessor`."""
-    check_exportable(model)
+    (with its chat template) and an image-processor / processor config for `LlavaProcessor` (`fmt`
+    ``llava-hf``) or `LlavaNextProcessor` (``llava-next-hf``, for AnyRes models)."""
+    check_exportable(model, fmt)
     cfg = model.config
+    anyres = cfg.image.anyres
     family = vision_family_for(cfg.vision)
+    size = cfg.vision.image_size if anyres is None else anyres.base  # what the tower sees
     end_of_turn = VLMProcessor.for_model(model, tokenizer).end_of_turn_id
     projector, act = projector_to_hf(model)
     weights = {
         **{f"vision_tower.{'' if family is DINOV2 else 'vision_model.'}{k}": v
-           for k, v in vision_state_dict_to_hf(model.vision, family).items()},
+           for k, v in vision_state_dict_to_hf(model.vision, family, size).items()},
         **{f"multi_modal_projector.{k}": v for k, v in projector.items()},
         **{f"language_model.{k}": v for k, v in lm_state_dict_to_hf(model).items()},
     }
     keep_cls = cfg.vision.use_cls_token and cfg.vision.keep_cls
     strategy = "default" if cfg.vision.use_cls_token and not keep_cls else "full"
     config = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "vision_config": vision_config_to_hf(cfg.vision, family),
+        "architectures": [FORMATS[fmt]], "model_type": "llava" if anyres is None else "llava_next",
+        "vision_config": vision_config_to_hf(cfg.vision, family, size),
         "text_config": lm_config_to_hf(cfg.lm, tokenizer, end_of_turn),
-        "image_token_index": cfg.image_token_id, "image_seq_length": model.tokens_per_image,
+        # tokens of one square image at the tower's size (AnyRes: of its thumbnail)
+        "image_token_index": cfg.image_token_id,
+        "image_seq_length": model.connector.num_tokens(model.vision.grid_for(size, size)),
         "vision_feature_layer": cfg.vision.select_layer, "vision_feature_select_strategy": strategy,
         "projector_hidden_act": act, "multimodal_projector_bias": True,
         "tie_word_embeddings": cfg.lm.tie_word_embeddings, "torch_dtype": "float32",
     }
-    size = {"height": cfg.vision.image_size, "width": cfg.vision.image_size}
-    image_processor = {  # ours: a square bicubic resize (no crop), scale to [0, 1], normalise
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor", "do_resize": True,
-        "size": size, "resample": 3, "do_center_crop": False, "crop_size": size, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.vision.image_mean),
-        "image_std": list(cfg.vision.image_std), "do_convert_rgb": True,
-    }
-    processor = {"processor_class": "LlavaProcessor", "image_token": tokenizer.image_token,
-                 "patch_size": cfg.vision.patch_size, "vision_feature_select_strategy": strategy,
+    common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(cfg.vision.image_mean), "image_std": list(cfg.vision.image_std),
+              "do_convert_rgb": True}
+    square = {"height": size, "width": size}
+    processor = {"image_token": tokenizer.image_token, "patch_size": cfg.vision.patch_size,
+                 "vision_feature_select_strategy": strategy,
                  "num_additional_image_tokens": 1 if cfg.vision.use_cls_token else 0}
+    if anyres is None:
+        # ours: a square bicubic resize (no crop), scale to [0, 1], normalise
+        image_processor = {"image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+                           **common, "size": square, "do_center_crop": False, "crop_size": square}
+        processor["processor_class"] = "LlavaProcessor"
+    else:
+        # tiles as vlmkit.data.images: a square thumbnail, the best pinpoint's tiles on black padding
+        grid_pinpoints = [list(p) for p in anyres.grid_pinpoints]
+        weights["image_newline"] = model.anyres.image_newline.detach().clone()
+        config["image_grid_pinpoints"] = grid_pinpoints
+        image_processor = {"image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
+                           **common, "size": {"shortest_edge": size}, "do_center_crop": True, "crop_size": square,
+                           "do_pad": True, "image_grid_pinpoints": grid_pinpoints}
+        processor["processor_class"] = "LlavaNextProcessor"
     generation = {"bos_token_id": config["text_config"]["bos_token_id"], "eos_token_id": end_of_turn,
                   "pad_token_id": tokenizer.pad_id}
     with atomic_directory(out) as tmp:

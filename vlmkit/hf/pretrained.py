@@ -28,6 +28,7 @@ from vlmkit.hf.hub import (
     vision_family,
     vision_state_dict_from_hf,
 )
+from vlmkit.models import lora
 from vlmkit.models.language import LanguageModel
 from vlmkit.models.vision import ViT
 from vlmkit.models.vlm import VisionLanguageModel
@@ -114,6 +115,10 @@ def tower_weights(directory: str | Path) -> StateDict:
     path = Path(directory) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {directory} a vlmkit model directory?")
+    adapted = lora.adapter_summary(directory)["layers"] if lora.has_adapter_files(directory) else []
+    if any(name.startswith("vision.") for name in adapted):
+        raise ValueError(f"{directory} holds LoRA adapters on its vision tower, which model.safetensors lacks: "
+                         f"fold them in with `vlmkit merge {directory} OUT` and start from OUT")
     with safe_open(str(path), framework="pt") as f:
         weights = {key.removeprefix("vision."): f.get_tensor(key) for key in f.keys() if key.startswith("vision.")}
     if not weights:
@@ -178,6 +183,24 @@ def load_language_model(path: str | Path, **overrides: Any) -> LanguageModel:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from `tokenizer.json` + `tokenizer_config.json` (special tokens, chat template)."""
     return Tokenizer.load(path)
+
+
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"
+                       ) -> tuple[VisionLanguageModel | LanguageModel, Tokenizer, Path]:
+    """What `vlmkit chat` and `vlmkit serve` answer with: a vlmkit model or training run directory (its
+    final model), or a Hugging Face language-model directory (text only). Returns the model in eval
+    mode on `device`, its tokenizer and the directory they came from."""
+    from vlmkit.models.checkpoint import resolve_model_dir
+
+    model_dir = resolve_model_dir(path)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
+                                "or a Hugging Face language model directory")
+    if read_config(model_dir).get("format") == VisionLanguageModel.FORMAT:
+        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    else:
+        model = load_language_model(model_dir).to(device)
+    return model.eval(), load_tokenizer(model_dir), model_dir
 
 
 # -- VLMs from pretrained parts ----------------------------------------------------------------

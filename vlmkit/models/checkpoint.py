@@ -1,5 +1,9 @@
 """One model-directory format for every vlmkit model: ``config.json`` (a format tag, the vlmkit version
-and the model's config) + ``model.safetensors`` (+ tokenizer files), written atomically."""
+and the model's config) + ``model.safetensors`` (+ tokenizer files), written atomically.
+
+A model with LoRA adapters (see `vlmkit.models.lora`) writes its base weights to ``model.safetensors``
+and its adapters beside them in peft's format (``adapter_config.json``, ``adapter_model.safetensors``);
+`from_pretrained` folds such adapters into the weights it loads."""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vlmkit import __version__
 from vlmkit.config import from_dict, to_dict
 from vlmkit.io import atomic_directory
+from vlmkit.models import lora
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -51,22 +56,40 @@ class Checkpointable:
         """Write the model files into an existing directory (callers make it atomic)."""
         meta = {"format": self.FORMAT, "vlmkit_version": __version__, "model": to_dict(self.config)}
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        save_model(self, str(Path(directory) / WEIGHTS_FILE))
+        if lora.has_lora(self):
+            weights = {k: v.detach().contiguous() for k, v in lora.base_state_dict(self).items()}
+            save_file(weights, str(Path(directory) / WEIGHTS_FILE), metadata={"format": "pt"})
+            lora.save_adapter(self, directory)
+        else:
+            save_model(self, str(Path(directory) / WEIGHTS_FILE))
         if tokenizer is not None:
             tokenizer.save(directory)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
-        directory = resolve_model_dir(directory)
-        meta = read_model_meta(directory)
-        weights = directory / WEIGHTS_FILE
+    def load_weights(self, directory: str | Path, device: str | torch.device = "cpu") -> None:
+        """Load a model directory's weights into this model, strictly; a model with LoRA adapters also
+        loads the directory's adapters (training resumes with them)."""
+        weights = Path(directory) / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found: is {directory} a vlmkit model directory?")
+        if lora.has_lora(self):
+            lora.load_base_state_dict(self, load_file(str(weights), device=str(device)), str(weights))
+            lora.load_adapter(self, directory)
+            return
+        missing, unexpected = load_model(self, str(weights), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"{weights}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu"):
+        """The model a directory holds; LoRA adapters saved beside its weights are folded into them."""
+        directory = resolve_model_dir(directory)
+        meta = read_model_meta(directory)
         if meta.get("format") != cls.FORMAT:
             raise ValueError(f"{directory / CONFIG_FILE} holds a {meta.get('format')!r} model, not a {cls.FORMAT!r} "
                              f"one ({cls.__name__})")
         model = cls(from_dict(cls.CONFIG, meta["model"], f"{directory / CONFIG_FILE}: model"))
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-        if missing or unexpected:
-            raise ValueError(f"{weights}: missing weights {sorted(missing)}, unexpected {sorted(unexpected)}")
+        model.load_weights(directory, device)
+        if lora.has_adapter_files(directory):
+            lora.load_adapter(model, directory)
+            lora.merge_lora(model)
         return model.to(device)

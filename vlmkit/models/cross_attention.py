@@ -57,6 +57,31 @@ class ImageContext:
                    image_of_token=pad_sequence(owners, batch_first=True, padding_value=-1),
                    latest=is_marker.long().cumsum(dim=1) - 1, all_previous=all_previous)
 
+    def rows(self) -> list[ImageContext]:
+        """Each row's context as its decode steps see it (after every marker: the row's last image), for
+        continuous batching (see `LayerContext.rows`)."""
+        return [ImageContext(self.tokens[i : i + 1], self.image_of_token[i : i + 1], self.latest[i : i + 1, -1:],
+                             self.all_previous) for i in range(self.tokens.shape[0])]
+
+    @classmethod
+    def stack(cls, contexts: list[ImageContext | None]) -> ImageContext:
+        """One-row contexts (from `rows`) as one batch; None: a row without images, which reads nothing."""
+        present = [c for c in contexts if c is not None]
+        width = max(c.tokens.shape[1] for c in present)
+        template = present[0].tokens
+        tokens, owners, latest = [], [], []
+        for c in contexts:
+            if c is None:
+                tokens.append(template.new_zeros(1, width, template.shape[2]))
+                owners.append(torch.full((1, width), -1, dtype=torch.long, device=template.device))
+                latest.append(torch.full((1, 1), -1, dtype=torch.long, device=template.device))
+                continue
+            pad = width - c.tokens.shape[1]
+            tokens.append(torch.nn.functional.pad(c.tokens, (0, 0, 0, pad)))
+            owners.append(torch.nn.functional.pad(c.image_of_token, (0, pad), value=-1))
+            latest.append(c.latest[:, -1:])
+        return cls(torch.cat(tokens), torch.cat(owners), torch.cat(latest), present[0].all_previous)
+
     def visible(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For positions ``start .. start + length - 1``: the attention mask [B, 1, length, K] (True: may
         read that image token) and which positions see any image at all [B, length]."""

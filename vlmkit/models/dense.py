@@ -41,6 +41,10 @@ class DenseConfig:
     def __post_init__(self) -> None:
         if self.box_bins == 1 or self.box_bins < 0:
             raise ConfigError(f"dense.box_bins must be 0 (off) or >= 2, got {self.box_bins}")
+        if self.vision.merges_tokens:
+            raise ConfigError("vision.token_merging: the dense stage's heads predict per patch-grid cell, and merged "
+                              "tokens keep no grid; train the tower with token_merging.r: 0 (merging can be "
+                              "switched on in the VLM that uses it)")
 
 
 def box_bin_targets(boxes: torch.Tensor, bins: int) -> torch.Tensor:

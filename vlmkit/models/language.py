@@ -15,6 +15,8 @@ from torch import nn
 from vlmkit.config import LanguageConfig
 from vlmkit.constants import IGNORE_INDEX
 from vlmkit.models.attention import attention
+from vlmkit.models.kernels import compute_dtype, joint_linear
+from vlmkit.models.memory import run_block
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +26,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)  # the same numbers, a shorter backward
         # Normalise in fp32 (as the reference implementations do), scale in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm of an fp32 input with a hand-written backward: the forward computes exactly what
+    `RMSNorm.forward` does, the backward takes about half the time of autograd's (fewer passes over x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x * scale
+        ctx.save_for_backward(normed, scale, weight)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, scale, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight
+            # d/dx of x * rsqrt(mean(x^2)): scale * (g - normed * mean(g * normed))
+            grad_x = torch.addcmul(g, normed, (g * normed).mean(-1, keepdim=True), value=-1).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+        return grad_x, grad_weight, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -49,7 +77,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Under autocast q/k are bf16 while cos/sin follow the fp32 residual stream: keep q/k's dtype.
+    # LanguageModel.forward makes cos/sin in the compute dtype (bf16 under autocast); keep q/k's dtype anyway.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
@@ -72,6 +100,27 @@ class LayerContext:
     def apply(self, layer_index: int, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
         adapter = self.adapters[layer_index]
         return hidden if adapter is None else adapter(hidden, self.value, start)
+
+    # Continuous batching (`SlotCache`) keeps one context per sequence and stacks those of the sequences
+    # in a decode step. The value says how: ``value.rows()`` -> one value per batch row, as seen by decode
+    # steps (positions after the prefilled sequence); ``type(value).stack(values)`` -> one batch value, a
+    # row per entry (None: that row has no context, and the adapters must leave it unchanged).
+
+    def rows(self) -> list[LayerContext]:
+        """One context per batch row, for the decode steps after a prefill."""
+        if not hasattr(self.value, "rows"):
+            raise TypeError(f"{type(self.value).__name__} cannot be split per row (no rows()): this layer context "
+                            "does not support continuous batching")
+        return [LayerContext(self.adapters, value) for value in self.value.rows()]
+
+    @staticmethod
+    def stack(contexts: Sequence[LayerContext | None]) -> LayerContext | None:
+        """The contexts of several rows (from `rows`) as one batch context; None when no row has one."""
+        present = next((c for c in contexts if c is not None), None)
+        if present is None:
+            return None
+        values = [None if c is None else c.value for c in contexts]
+        return LayerContext(present.adapters, type(present.value).stack(values))
 
 
 class KVCache:
@@ -97,6 +146,75 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class SlotCache:
+    """A KV cache whose rows ("slots") hold independent sequences, each of its own length: the state of
+    continuous batching, where sequences join and leave a running decode batch between steps.
+
+    `LanguageModel.prefill_slots` writes prompts into free slots; `LanguageModel.decode_slots` advances
+    any set of slots by one token each (every slot at its own position); `release` frees a slot for the
+    next sequence. Storage grows on demand (doubling, up to `max_length` positions), so memory follows
+    the longest live sequence rather than the model's context. Each slot also keeps the layer context
+    of its prefill (see `LayerContext.rows`), which its decode steps see.
+    """
+
+    def __init__(self, cfg: LanguageConfig, num_slots: int, max_length: int, device, dtype: torch.dtype,
+                 initial_length: int = 64):
+        if num_slots < 1 or max_length < 1:
+            raise ValueError(f"a slot cache needs num_slots >= 1 and max_length >= 1, got {num_slots}, {max_length}")
+        self.num_slots, self.max_length = num_slots, max_length
+        shape = (num_slots, cfg.num_kv_heads, min(initial_length, max_length), cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.lengths = [0] * num_slots  # positions filled in each slot
+        self.contexts: list[LayerContext | None] = [None] * num_slots
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Make room for `length` positions in every slot (an error past `max_length`)."""
+        if length > self.max_length:
+            raise ValueError(f"KV cache overflow: {length} positions > max_length {self.max_length}")
+        if length <= self.capacity:
+            return
+        grown = min(self.max_length, max(length, 2 * self.capacity))
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                new = old.new_zeros(old.shape[0], old.shape[1], grown, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    def release(self, slot: int) -> None:
+        """Free `slot` for another sequence (its stale keys are never read: lengths bound every read)."""
+        self.lengths[slot] = 0
+        self.contexts[slot] = None
+
+
+class _SlotStep:
+    """One decode step's view of a `SlotCache` (what `Attention` calls as its cache): each given slot
+    gets its new key/value at its own position and reads its own filled positions."""
+
+    def __init__(self, cache: SlotCache, slots: list[int]):
+        self.cache = cache
+        device = cache.keys[0].device
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.positions = torch.tensor([cache.lengths[s] for s in slots], dtype=torch.long, device=device)
+        self.length = max(cache.lengths[s] for s in slots) + 1  # keys read per row (rows mask their own)
+        cache.reserve(self.length)
+        # None when every row is at the same position: the plain kernel, exactly as a single sequence runs.
+        if len(set(self.positions.tolist())) == 1:
+            self.mask = None
+        else:
+            self.mask = (torch.arange(self.length, device=device)[None] <= self.positions[:, None])[:, None, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.slots, :, self.positions] = k[:, :, 0].to(keys.dtype)
+        values[self.slots, :, self.positions] = v[:, :, 0].to(values.dtype)
+        return keys[self.slots, :, : self.length], values[self.slots, :, : self.length]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LanguageConfig, layer_index: int):
         super().__init__()
@@ -108,20 +226,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.record: Callable[[torch.Tensor], None] | None = None  # set by `recording_attention`
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None,
+                varlen: Varlen | None = None) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = joint_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        if varlen is not None:  # x is the flat stream [1, T, D]: attention sees one sample per row
+            (q, k, v), b, n = (varlen.pad(t) for t in (q, k, v)), varlen.samples, varlen.width
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # k, v keep their num_kv_heads heads: attention shares each among its group of query heads.
         # Without a mask the plain causal kernel applies (training, unpadded prefill).
         out = attention(q, k, v, mask, causal=mask is None and n > 1, record=self.record)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return self.o_proj(out if varlen is None else varlen.unpad(out))
 
 
 class MLP(nn.Module):
@@ -134,7 +255,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, out_dim or dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = joint_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -146,10 +268,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, context: LayerContext | None = None,
+                varlen: Varlen | None = None) -> torch.Tensor:
         if context is not None:  # a fusion's adapter for this layer, e.g. cross-attention to the image
             x = context.apply(self.layer_index, x, cache.length if cache is not None else 0)
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache, varlen)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -198,6 +321,49 @@ def attention_mask_for(attention_mask: torch.Tensor | None, query_length: int, p
     return allowed[:, None]
 
 
+@dataclass
+class Varlen:
+    """A batch run as one flat stream of its real tokens (no padding), sample by sample.
+
+    The linear layers, norms and MLPs see only the T real tokens, as [1, T, D]; attention sees each
+    sample in its own row of a [samples, width] layout (width: the longest sample), causal, positions
+    from 0. So no token attends to another sample or to padding, and no work goes to padding except
+    attention's, which is what padding one sample per row would cost. Built from `segment_ids` [B, L]
+    (0: padding; a run of equal ids within a row: one sample), e.g. rows packed by `data.packing`.
+    """
+
+    real: torch.Tensor  # [T] index into the B * L positions of each real token, in order
+    gather: torch.Tensor  # [samples * width] the real token at (sample, j); past a sample's end its last one
+    scatter: torch.Tensor  # [T] index into samples * width of each real token
+    positions: torch.Tensor  # [T] each token's position within its sample
+    samples: int
+    width: int
+
+    @classmethod
+    def from_segments(cls, segment_ids: torch.Tensor) -> Varlen:
+        flat = segment_ids.reshape(-1)
+        real = (flat > 0).nonzero().squeeze(1)
+        ids, row = flat[real], real // segment_ids.shape[1]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = (ids[1:] != ids[:-1]) | (row[1:] != row[:-1])
+        starts = first.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=starts.new_tensor([len(ids)]))
+        width = int(lengths.max())
+        sample = first.long().cumsum(0) - 1
+        positions = torch.arange(len(ids), device=flat.device) - starts[sample]
+        j = torch.arange(width, device=flat.device)
+        gather = (starts[:, None] + torch.minimum(j[None], lengths[:, None] - 1)).reshape(-1)
+        return cls(real, gather, sample * width + positions, positions, len(starts), width)
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        """[1, T, C] -> [samples, width, C]."""
+        return t[0].index_select(0, self.gather).view(self.samples, self.width, -1)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        """[samples, width, C] -> [1, T, C] (what lies past each sample's end is dropped)."""
+        return t.reshape(self.samples * self.width, -1).index_select(0, self.scatter)[None]
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding gets 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -214,6 +380,7 @@ class LanguageModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.activation_checkpointing = False  # recompute each layer in the backward (see models/memory.py)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -227,6 +394,63 @@ class LanguageModel(nn.Module):
         weight = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length, device or weight.device, dtype or weight.dtype)
 
+    def new_slot_cache(self, num_slots: int, max_length: int, device=None, dtype=None,
+                       initial_length: int = 64) -> SlotCache:
+        weight = self.embed_tokens.weight
+        return SlotCache(self.config, num_slots, max_length, device or weight.device, dtype or weight.dtype,
+                         initial_length)
+
+    @torch.no_grad()
+    def prefill_slots(self, cache: SlotCache, slots: Sequence[int], inputs_embeds: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, context: LayerContext | None = None) -> torch.Tensor:
+        """Run left-padded prompts [n, L, D] (`attention_mask` [n, L]) and write each row's keys/values
+        into its free slot of `cache`; returns the final normed hidden state of each row's last token [n, D].
+
+        Each slot receives only its row's real tokens, at positions 0.., as if prefilled alone; the
+        slot keeps the row's share of `context` for its decode steps.
+        """
+        n, width, _ = inputs_embeds.shape
+        if len(slots) != n:
+            raise ValueError(f"{n} prompts but {len(slots)} slots")
+        if attention_mask is None:
+            attention_mask = torch.ones(n, width, dtype=torch.long, device=inputs_embeds.device)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+        busy = [s for s in slots if cache.lengths[s]]
+        if busy:
+            raise ValueError(f"slots {busy} are in use: release them first")
+        lengths = attention_mask.long().sum(dim=1).tolist()
+        cache.reserve(max(lengths))
+        scratch = self.new_cache(n, width, dtype=cache.keys[0].dtype)
+        hidden = self(inputs_embeds=inputs_embeds, attention_mask=attention_mask.long(), cache=scratch,
+                      context=context, logits=False).hidden_states[:, -1]
+        for layer in range(len(self.layers)):
+            for row, (slot, length) in enumerate(zip(slots, lengths)):
+                cache.keys[layer][slot, :, :length] = scratch.keys[layer][row, :, width - length :]
+                cache.values[layer][slot, :, :length] = scratch.values[layer][row, :, width - length :]
+        row_contexts = context.rows() if context is not None else [None] * n
+        for slot, length, row_context in zip(slots, lengths, row_contexts):
+            cache.lengths[slot], cache.contexts[slot] = length, row_context
+        return hidden
+
+    @torch.no_grad()
+    def decode_slots(self, cache: SlotCache, slots: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        """Advance each of `slots` by one token (`token_ids` [n], one per slot, each at its slot's own
+        position); returns the final normed hidden states [n, D] (`lm_head` of them: next-token logits)."""
+        slots = list(slots)
+        empty = [s for s in slots if not cache.lengths[s]]
+        if empty:
+            raise ValueError(f"slots {empty} hold no sequence: prefill them first")
+        step = _SlotStep(cache, slots)
+        x = self.embed_tokens(token_ids.reshape(-1, 1))
+        cos, sin = self.rotary(step.positions[:, None], x.dtype)
+        context = LayerContext.stack([cache.contexts[s] for s in slots])
+        for layer in self.layers:
+            x = layer(x, cos, sin, step.mask, step, context)
+        for s in slots:
+            cache.lengths[s] += 1
+        return self.norm(x)[:, 0]
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -237,10 +461,16 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         logits: bool = True,
         context: LayerContext | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """Run the decoder.
 
-        `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). With `labels` [B, L]
+        `attention_mask` [B, past + L] marks real tokens (1) vs padding (0). `segment_ids` [B, L] (no
+        cache, no attention_mask, no context) marks rows that may each hold several samples (packed) and
+        padding (0): the model then runs on the real tokens only, each sample with its own positions from
+        0 and causal attention within it (see `Varlen`); the first label of each sample must be
+        IGNORE_INDEX (nothing before it may predict it), and padded positions come out as zeros in
+        `hidden_states` (and as zero logits). With `labels` [B, L]
         (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
         `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
         most tokens are image or prompt tokens). `context` (from a fusion) reaches every layer; given
@@ -251,12 +481,14 @@ class LanguageModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, n, _ = x.shape
         past = cache.length if cache is not None else 0
+        if segment_ids is not None:
+            return self._forward_varlen(x, segment_ids, labels, logits, (attention_mask, position_ids, cache, context))
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + n, device=x.device).expand(b, n)
-        cos, sin = self.rotary(position_ids, x.dtype)
+        cos, sin = self.rotary(position_ids, compute_dtype(x))  # cast once, not in every layer
         mask = attention_mask_for(attention_mask, n, past)
         if mask is None and past > 0 and n > 1:
             # Chunked prefill on top of a cache needs an explicit causal mask.
@@ -266,18 +498,41 @@ class LanguageModel(nn.Module):
                 cache.context = context
             context = cache.context
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, context)
+            x = run_block(self, layer, x, cos, sin, mask, cache, context)
         if cache is not None:
             cache.length += n
         h = self.norm(x)
         loss = self.loss(h, labels) if labels is not None else None
         return LMOutput(logits=self.lm_head(h) if logits else None, loss=loss, hidden_states=h)
 
+    def _forward_varlen(self, x: torch.Tensor, segment_ids: torch.Tensor, labels: torch.Tensor | None,
+                        logits: bool, unsupported: tuple) -> LMOutput:
+        """`forward` on the real tokens of `segment_ids`' samples, as one flat stream (see `Varlen`)."""
+        if any(value is not None for value in unsupported):
+            raise ValueError("segment_ids go without attention_mask, position_ids, a cache or a layer context")
+        b, n, d = x.shape
+        varlen = Varlen.from_segments(segment_ids)
+        flat = x.reshape(b * n, d).index_select(0, varlen.real)[None]
+        positions = torch.arange(varlen.width, device=x.device)[None]
+        cos, sin = self.rotary(positions, compute_dtype(x))
+        for layer in self.layers:
+            flat = run_block(self, layer, flat, cos, sin, None, None, None, varlen)
+        h = self.norm(flat)[0]
+        loss = None
+        if labels is not None:  # each token's next label in its row (a sample's last token: the next one's first)
+            following = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+            loss = self.token_loss(h, following.reshape(-1).index_select(0, varlen.real))
+        hidden = h.new_zeros(b * n, d).index_copy(0, varlen.real, h).view(b, n, d)
+        return LMOutput(logits=self.lm_head(hidden) if logits else None, loss=loss, hidden_states=hidden)
+
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose next label is not IGNORE_INDEX."""
-        targets = labels[:, 1:]
+        return self.token_loss(hidden[:, :-1], labels[:, 1:])
+
+    def token_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the tokens `targets` over the positions where it is not IGNORE_INDEX."""
         keep = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][keep])
+        logits = self.lm_head(hidden[keep])
         if logits.shape[0] == 0:
             return hidden.sum() * 0.0  # nothing to learn in this batch; keeps the graph valid
         return F.cross_entropy(logits.float(), targets[keep])
@@ -316,7 +571,7 @@ class LanguageModel(nn.Module):
         new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            next_token = _pick(self.lm_head(hidden).float(), temperature, top_p, generator)
+            next_token = sample_next(self.lm_head(hidden).float(), temperature, top_p, generator)
             new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
             if eos_token_id is not None:
                 done |= next_token == eos_token_id
@@ -333,7 +588,9 @@ class LanguageModel(nn.Module):
         return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax when `temperature` <= 0, else temperature + nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)

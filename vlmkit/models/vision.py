@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.config import VisionConfig
 from vlmkit.models.attention import attention
+from vlmkit.models.kernels import joint_linear
+from vlmkit.models.memory import run_block
+from vlmkit.models.token_merging import bipartite_merge, merged_token_count
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -82,11 +87,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output [B, N, D] and the keys averaged over heads [B, N, D / heads] (what token
+        merging compares); `bias` [B, 1, 1, N] is added to the logits."""
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        q, k, v = (t.view(b, n, self.num_heads, -1).transpose(1, 2)
+                   for t in joint_linear(x, self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, bias)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), k.mean(dim=1)
 
 
 class MLP(nn.Module):
@@ -121,9 +129,40 @@ class Block(nn.Module):
         self.ls1 = LayerScale(cfg.hidden_size, cfg.layerscale_init) if cfg.layerscale else nn.Identity()
         self.ls2 = LayerScale(cfg.hidden_size, cfg.layerscale_init) if cfg.layerscale else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, merge: TokenMerge | None = None) -> torch.Tensor:
+        """With `merge`, attention is proportional to the tokens' sizes and `merge.r` tokens are merged
+        between the attention and the MLP, as in ToMe."""
+        h, keys = self.attn(self.norm1(x), None if merge is None else merge.attention_bias())
+        x = x + self.ls1(h)
+        if merge is not None:
+            x = merge(x, keys)
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class TokenMerge:
+    """Token merging through one forward pass: `r` per block, and each token's size (the patches it
+    stands for, [B, T] float32), which weights the averages and, with `proportional`, the attention."""
+
+    def __init__(self, x: torch.Tensor, r: int, num_prefix: int, proportional: bool):
+        self.r, self.num_prefix, self.proportional = r, num_prefix, proportional
+        self.sizes = torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+        self.merged = False
+
+    def attention_bias(self) -> torch.Tensor | None:
+        """log(size) per key [B, 1, 1, T]; None before the first merge (every size is 1, the bias 0)."""
+        return self.sizes.log()[:, None, None, :] if self.proportional and self.merged else None
+
+    def __call__(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        x, self.sizes = bipartite_merge(x, self.sizes, keys, self.r, self.num_prefix)
+        self.merged = self.merged or x.shape[1] < keys.shape[1]
+        return x
+
+
+def _merging_block(block: Block, x: torch.Tensor, merge: TokenMerge) -> tuple[torch.Tensor, TokenMerge]:
+    """`block(x, merge)` on a copy of the merge state, returned: the state given stays as it was, so that
+    activation checkpointing, which runs the block again in the backward pass, replays the same merges."""
+    merge = copy.copy(merge)
+    return block(x, merge), merge
 
 
 class ViT(nn.Module):
@@ -133,6 +172,9 @@ class ViT(nn.Module):
     [embeddings, block 1, ..., block N], as in HF `hidden_states`), passed through the final norm
     when `feature_norm`, without the CLS token unless `keep_cls`. Blocks after the selected layer
     are not run. `hidden_states` returns all of them.
+
+    With `token_merging.r` > 0 (ToMe, see models/token_merging.py) each block merges r patch tokens,
+    so the features are `num_feature_tokens(grid)` size-weighted averages in no grid order.
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -142,6 +184,7 @@ class ViT(nn.Module):
         self.pre_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.post_layernorm else None
+        self.activation_checkpointing = False  # recompute each block in the backward (see models/memory.py)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -153,26 +196,66 @@ class ViT(nn.Module):
             raise ValueError(f"image size {image_height}x{image_width} is not a multiple of the patch size {p}")
         return image_height // p, image_width // p
 
-    def hidden_states(self, pixels: torch.Tensor, num_blocks: int | None = None) -> list[torch.Tensor]:
-        """[embeddings, output of block 1, ..., output of block `num_blocks`] (default: all blocks)."""
+    def merged_patch_count(self, grid: tuple[int, int]) -> int:
+        """Patch tokens left after the selected layer for a (rows, cols) patch grid: rows x cols, fewer
+        with token merging (deterministic: each block merges min(r, (tokens - prefix) // 2))."""
+        patches = grid[0] * grid[1]
+        if not self.config.merges_tokens:
+            return patches
+        prefix = self.num_prefix_tokens
+        return merged_token_count(patches + prefix, self.config.token_merging.r, self.config.num_selected_blocks,
+                                  prefix) - prefix
+
+    def num_feature_tokens(self, grid: tuple[int, int]) -> int:
+        """Positions `forward` returns for a (rows, cols) patch grid: the (merged) patches, + CLS with keep_cls."""
+        return self.merged_patch_count(grid) + (self.num_prefix_tokens if self.config.keep_cls else 0)
+
+    def _run(self, pixels: torch.Tensor, num_blocks: int | None) -> tuple[list[torch.Tensor], TokenMerge | None]:
         self.grid_for(pixels.shape[-2], pixels.shape[-1])
         x = self.embeddings(pixels)
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
+        tome = self.config.token_merging
+        merge = TokenMerge(x, tome.r, self.num_prefix_tokens, tome.proportional_attention) if tome.r else None
         states = [x]
         for block in self.blocks[: len(self.blocks) if num_blocks is None else num_blocks]:
-            x = block(x)
+            if merge is None:
+                x = run_block(self, block, x)
+            else:
+                x, merge = run_block(self, _merging_block, block, x, merge)
             states.append(x)
-        return states
+        return states, merge
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.hidden_states(pixels, self.config.num_selected_blocks)[-1]
+    def hidden_states(self, pixels: torch.Tensor, num_blocks: int | None = None) -> list[torch.Tensor]:
+        """[embeddings, output of block 1, ..., output of block `num_blocks`] (default: all blocks); with
+        token merging each block's output is shorter than its input."""
+        return self._run(pixels, num_blocks)[0]
+
+    def features_and_sizes(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`'s features and, with token merging, each position's size [B, T] (the patches it
+        stands for; a CLS token has size 1); None without merging (every size is 1)."""
+        states, merge = self._run(pixels, self.config.num_selected_blocks)
+        features = states[-1]
         if self.config.feature_norm:
             features = self.post_layernorm(features)
-        return features if self.config.keep_cls else features[:, self.num_prefix_tokens :]
+        sizes = None if merge is None else merge.sizes
+        if not self.config.keep_cls:
+            features = features[:, self.num_prefix_tokens :]
+            sizes = None if sizes is None else sizes[:, self.num_prefix_tokens :]
+        return features, sizes
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features_and_sizes(pixels)[0]
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
-        """One vector per image from the last layer (CLS if present, else mean), post-normalised."""
-        last = self.hidden_states(pixels)[-1]
-        pooled = last[:, 0] if self.config.use_cls_token else last.mean(dim=1)
+        """One vector per image from the last layer (CLS if present, else the mean over patches, weighted
+        by size under token merging), post-normalised."""
+        states, merge = self._run(pixels, None)
+        last = states[-1]
+        if self.config.use_cls_token:
+            pooled = last[:, 0]
+        elif merge is None:
+            pooled = last.mean(dim=1)
+        else:
+            pooled = (last * merge.sizes[..., None]).sum(dim=1) / merge.sizes.sum(dim=1, keepdim=True)
         return self.post_layernorm(pooled) if self.post_layernorm is not None else pooled

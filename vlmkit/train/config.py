@@ -14,6 +14,8 @@ import yaml
 
 from vlmkit.config import ConfigError, LanguageConfig, ModelConfig, from_dict, to_dict
 
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
 
 @dataclass
 class DataConfig:
@@ -40,6 +42,10 @@ class DataConfig:
     # batches are the same for every value (samples depend only on their index), so it never changes
     # a run's numbers, and a run may resume with another value.
     num_workers: int | None = None
+    # align / instruct: lay each batch's samples end to end in rows of max_length tokens (first-fit
+    # decreasing) instead of padding every row to the longest sample; the batches' samples and the loss
+    # stay the same (see vlmkit.data.collate). Needs model.fusion: splice.
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers is not None and (
@@ -88,6 +94,45 @@ class OptimConfig:
     # instruct stage: train the LM too; false keeps it frozen, so only the connector and the fusion's
     # blocks train (Flamingo: a frozen LM with trained cross-attention, model.fusion: cross_attention)
     train_lm: bool = True
+    # Recompute each transformer block (LM, ViT, text tower) in the backward pass instead of keeping
+    # its activations: less memory, about one more forward pass of compute (see vlmkit.models.memory).
+    activation_checkpointing: bool = False
+    # Low-rank adapters (peft) instead of full fine-tuning: {r, alpha, dropout, target_modules}, any key
+    # may be left out (`{}`: the defaults of LoraSettings); null: off. See vlmkit.models.lora.
+    lora: dict[str, Any] | None = None
+    # torch.compile the model (inductor; needs a C++ compiler on CPU): faster steps after a start-up
+    # compilation of tens of seconds per new batch shape.
+    compile: bool = False
+
+    def lora_settings(self) -> LoraSettings | None:
+        return None if self.lora is None else from_dict(LoraSettings, self.lora, "optim.lora")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA (Hu et al. 2021): each targeted linear layer W gets W + (alpha / r) * B A, with only A and B
+    trained (B starts at 0, so training starts from the model as it was)."""
+
+    r: int = 8  # rank of A [r, in] and B [out, r]
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input
+    # Module names or glob patterns over them (`lm`, `connector`, `vision`, `lm.layers.*.attn.q_proj`):
+    # every linear layer inside a matched module is adapted. The LM's output layer never is (it is
+    # usually tied to the input embeddings).
+    target_modules: list[str] = field(default_factory=lambda: ["lm"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r: expected an integer >= 1, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha: expected a number > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            self.target_modules = targets = [targets]
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ConfigError(f"target_modules: expected a list of module names, got {targets!r}")
 
 
 @dataclass
@@ -107,7 +152,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     precision: str = "bf16"  # bf16 (autocast) | fp32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (several processes: each takes cuda:LOCAL_RANK)
+    # How several processes (started by torchrun) share the training: ddp (replicas, gradients averaged)
+    # | fsdp (parameters, gradients and optimizer state sharded) | none (one process) | auto (ddp when
+    # torchrun started more than one process, else none). See vlmkit/train/distributed.py.
+    strategy: str = "auto"
     seed: int = 0
     log_every: int = 10
     save_every: int = 500
@@ -117,9 +166,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision: {self.precision!r} is not one of ['bf16', 'fp32']")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r} is not one of {list(STRATEGIES)}")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.optim.grad_accum < 1:
             raise ConfigError("optim.steps, optim.batch_size and optim.grad_accum must be >= 1")
         self.optim.betas = tuple(self.optim.betas)
+        self.optim.lora_settings()  # a bad optim.lora section is an error now, not at the first step
         if not self.optim.train_lm and self.data.text_only:
             raise ConfigError("data.text_only: text-only conversations train nothing while the LM is frozen "
                               "(optim.train_lm: false); remove data.text_only or train the LM")

@@ -107,8 +107,12 @@ class ResumableBatchSampler(Sampler[list]):
 
     def batch(self, k: int) -> list[int]:
         """This rank's indices of global batch `k` of the stream."""
+        return self.global_batch(k)[self.rank :: self.world_size]
+
+    def global_batch(self, k: int) -> list[int]:
+        """All indices of global batch `k` of the stream (every rank's share)."""
         epoch, index = divmod(k, self.per_epoch)
-        return self.epoch_batches(epoch)[index][self.rank :: self.world_size]
+        return self.epoch_batches(epoch)[index]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of `epoch`, in order (cached: one epoch at a time)."""

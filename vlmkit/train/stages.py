@@ -7,6 +7,7 @@ and implements what model it builds, what it freezes, its datasets, its loss and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TypeVar
@@ -14,7 +15,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from vlmkit.config import ConfigError, VisionConfig, from_dict, to_dict
+from vlmkit.config import ConfigError, VideoConfig, VisionConfig, from_dict, to_dict
+from vlmkit.constants import IGNORE_INDEX
 from vlmkit.data.collate import collate, collate_image_text
 from vlmkit.data.datasets import ConversationDataset, ImageTextDataset
 from vlmkit.data.images import ImageProcessor
@@ -49,10 +51,19 @@ class Stage:
     # Run-config keys that may name an earlier stage of a recipe whose model this stage starts from.
     starts_from: tuple[str, ...] = ("init_from",)
     needs_tokenizer = True
+    # Whether a batch may be split across processes (strategy ddp / fsdp): each computes the loss on its
+    # share and the shares are weighted by `loss_count`. Not for losses that compare the samples of a
+    # batch with each other (contrastive): a share alone does not give them.
+    splits_across_ranks = True
+    packs = False  # whether its collate can pack samples into rows (`data.packing`)
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        if cfg.data.packing and not self.packs:
+            packing = [name for name, stage in STAGES.items() if stage.packs]
+            raise ConfigError(f"data.packing: the {self.name} stage does not pack samples (stages that do: "
+                              f"{', '.join(packing)}); remove data.packing")
 
     def data_path(self, name: str) -> Path:
         path = Path(name)
@@ -75,6 +86,19 @@ class Stage:
         """Parts of the loss logged beside it: their means over the micro-batches since the last call."""
         return {}
 
+    def loss_count(self, batch: dict) -> int | None:
+        """What the loss is a mean over in `batch`, when that is not its samples (the VLM stages: labelled
+        tokens). A batch split across processes weighs each share's loss by it, so that the gradient is
+        the whole batch's."""
+        return None
+
+    def may_skip_weights(self, model: nn.Module, train_set) -> bool:
+        """Whether a batch's loss may leave trainable weights without a gradient (e.g. a text-only batch
+        skips the connector, a trained tower its blocks past the selected layer). DDP then looks for
+        unused weights at every step, and FSDP reduces zeros for them, so that processes whose shares
+        use different weights stay in step."""
+        return any(tower_skips_weights(m) for m in model.modules() if isinstance(m, ViT))
+
     def start_tower_model(self, model: TowerModel) -> TowerModel:
         """A tower-pretraining model starts from a run of its own stage (`init_from`), else its tower
         from an earlier run (`vision_from`, for stages that take it) or from the HF checkpoint its
@@ -94,12 +118,14 @@ class Stage:
 
     @staticmethod
     def train_mode(model: nn.Module) -> None:
-        """Training mode for the parts that train; frozen parts stay in eval mode (a frozen conv stem's
-        BatchNorm must keep its running statistics, and cached features were computed in eval mode)."""
+        """Training mode for what trains; frozen modules stay in eval mode (a frozen conv stem's BatchNorm
+        must keep its running statistics, also under a tower that trains LoRA adapters, and cached
+        features were computed in eval mode). Modules without weights (dropout) follow their parent."""
         model.train()
-        for part in model.children():
-            if not any(p.requires_grad for p in part.parameters()):
-                part.eval()
+        for module in model.modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
 
 
 STAGES: dict[str, type[Stage]] = {}
@@ -119,6 +145,14 @@ def stage_class(name: str) -> type[Stage]:
     return STAGES[name]
 
 
+def tower_skips_weights(tower: ViT) -> bool:
+    """Whether a trained tower has weights its features never reach: blocks past the selected layer, or
+    a final norm the features skip."""
+    cfg = tower.config
+    unused = cfg.num_selected_blocks < cfg.num_layers or (tower.post_layernorm is not None and not cfg.feature_norm)
+    return unused and any(p.requires_grad for p in tower.parameters())
+
+
 def load_tower_from_run(vision: ViT, run: str | Path) -> None:
     """Load the vision tower of an earlier run (any vlmkit model directory holding one) into `vision`."""
     source = resolve_model_dir(run)
@@ -130,6 +164,7 @@ class ClipStage(Stage):
     name = "clip"
     trains = "a vision tower + a small text tower, contrastive (symmetric InfoNCE); everything trains"
     reads = "image-caption pairs (JSON Lines)"
+    splits_across_ranks = False  # each image against every caption of the whole batch
 
     def build_model(self) -> DualEncoder:
         vision = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id or 0).vision
@@ -193,6 +228,9 @@ class DenseStage(Stage):
     trains = "the vision tower + per-cell heads (objectness, attributes, box); everything trains"
     reads = "object annotations (shapes-world scenes.jsonl), or scenes generated on the fly"
     needs_tokenizer = False
+    # Split across processes, each share's loss is weighted by its samples: exactly the whole batch's
+    # for the objectness term (a mean over all cells), close for the attribute and box terms (means over
+    # each share's own object cells).
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None):
         super().__init__(cfg, tokenizer)
@@ -337,6 +375,7 @@ class VLMStage(Stage):
     """
 
     starts_from = ("init_from", "vision_from", "connector_from")
+    packs = True
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer):
         super().__init__(cfg, tokenizer)
@@ -346,8 +385,19 @@ class VLMStage(Stage):
             log.info("added %s to the tokenizer as id %d", tokenizer.image_token, tokenizer.image_id)
 
     def build_model(self) -> VisionLanguageModel:
+        model = self.start_model()
+        if self.cfg.data.packing and model.config.fusion != "splice":
+            raise ConfigError(f"data.packing needs model.fusion: splice; with {model.config.fusion!r} a packed "
+                              "sample's text would read the images of the samples before it in its row")
+        return model
+
+    def start_model(self) -> VisionLanguageModel:
         if self.cfg.init_from:
-            return VisionLanguageModel.from_pretrained(self.cfg.init_from)
+            model = VisionLanguageModel.from_pretrained(self.cfg.init_from)
+            if "video" in self.cfg.model:  # how clips are sampled is no part of the weights: the run's setting wins
+                video = from_dict(VideoConfig, self.cfg.model["video"] or {}, "model.video")
+                model.config = dataclasses.replace(model.config, video=video)  # validated again
+            return model
         model_cfg = self.cfg.model_config(self.tokenizer.vocab_size, self.tokenizer.image_id)
         self.check_tower_source(model_cfg.vision)
         model = build_vlm(model_cfg)
@@ -361,12 +411,14 @@ class VLMStage(Stage):
         return read_records(self.data_path(name), strict=self.cfg.data.strict)
 
     def make_dataset(self, model: VisionLanguageModel, records) -> ConversationDataset:
-        # The dataset resizes every image to the configured size, so each <image> gets that size's count.
+        # The dataset resizes every image to the configured size, so each <image> gets that size's count;
+        # AnyRes tiles instead, and counts each image by its own size.
         processor = VLMProcessor.for_model(model, self.tokenizer)
         records, report = records
         return ConversationDataset.from_records(
             records, report, self.cfg.data.root, processor.chat, processor.image_processor,
-            max_length=self.cfg.data.max_length, strict=self.cfg.data.strict)
+            max_length=self.cfg.data.max_length, strict=self.cfg.data.strict,
+            image_tokens=processor.image_tokens if processor.tiling else None, video=processor.video)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:
         train = self.make_dataset(model, self.records(self.cfg.data.train))
@@ -390,14 +442,23 @@ class VLMStage(Stage):
         dataset.use_features(features.cpu() if self.cfg.data.resolved_num_workers() else features)
 
     def collate(self, batch: list) -> dict:
-        return collate(batch, self.tokenizer.pad_id)
+        return collate(batch, self.tokenizer.pad_id, self.cfg.data.max_length if self.cfg.data.packing else None)
+
+    def loss_count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the next-token targets the loss averages
+
+    def may_skip_weights(self, model: VisionLanguageModel, train_set) -> bool:
+        # A sample without an image skips the tower and the connector.
+        return super().may_skip_weights(model, train_set) or not every_sample_has_an_image(train_set)
 
     def loss(self, model: VisionLanguageModel, batch: dict) -> torch.Tensor:
         # Right padding + causal attention: padding never influences real tokens, so no mask is
-        # needed and the fast causal kernel is used.
+        # needed and the fast causal kernel is used. Packed rows bring their segments: the LM then runs
+        # on their real tokens only, attending within each sample (see vlmkit.models.language.Varlen).
         return model(batch["input_ids"], batch.get("pixel_values"), labels=batch["labels"],
                      image_counts=batch["image_counts"], logits=False,
-                     image_features=batch.get("image_features")).loss
+                     image_features=batch.get("image_features"), image_sizes=batch.get("image_sizes"),
+                     image_frames=batch.get("image_frames"), segment_ids=batch.get("segment_ids")).loss
 
     @torch.no_grad()
     def evaluate(self, model: VisionLanguageModel, val) -> dict:
@@ -412,16 +473,24 @@ class VLMStage(Stage):
         return {"val_loss": total / max(1, batches), "val_samples": n}
 
 
+def every_sample_has_an_image(dataset) -> bool:
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return all(every_sample_has_an_image(part) for part in dataset.datasets)
+    return len(dataset) > 0 and int(dataset.images_per_sample.min()) > 0
+
+
 @register
 class AlignStage(VLMStage):
     name = "align"
-    trains = "the connector and the fusion's blocks, if any (vision tower and LM frozen)"
+    trains = "the connector and the fusion's blocks, if any, + AnyRes' newline (vision tower and LM frozen)"
     reads = "image-caption pairs, as \"Describe the image.\" -> caption"
 
     def set_trainable(self, model: VisionLanguageModel) -> None:
         freeze(model, False)
         freeze(model.connector, True)
         freeze(model.fusion, True)  # a fusion's adapters (none for splice) train with the connector
+        if model.anyres is not None:
+            freeze(model.anyres, True)  # AnyRes' newline embedding, too (as LLaVA-NeXT)
 
     def records(self, name: str):
         return caption_records(self.data_path(name), prompt=self.cfg.data.caption_prompt, strict=self.cfg.data.strict)
@@ -438,6 +507,8 @@ class InstructStage(VLMStage):
         freeze(model.vision, self.cfg.optim.train_vision)
         freeze(model.connector, True)
         freeze(model.fusion, True)
+        if model.anyres is not None:
+            freeze(model.anyres, True)
         freeze(model.lm, self.cfg.optim.train_lm)
 
     def datasets(self, model: VisionLanguageModel) -> tuple:

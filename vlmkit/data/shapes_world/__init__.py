@@ -5,7 +5,8 @@ Scenes hold 1-5 coloured shapes on a light background. Each scene derives only f
 captions, VQA questions with short exact-match answers (color, shape, count, exists, spatial, size,
 grounding, identify), multi-turn LLaVA-style conversations and a held-out compositional split
 whose (colour, shape) pairs never occur in train/val/test images. Optionally, a two-image task: pairs
-of scenes with questions that need both images (``multi``).
+of scenes with questions that need both images (``multi``), and a video task: clips of moving shapes
+with questions about motion, order and exits (``video``).
 
 Boxes
     Pixel boxes are ``(x1, y1, x2, y2)`` ints with exclusive ``x2``/``y2`` (PIL ``getbbox``
@@ -20,8 +21,9 @@ Spatial relations
 Modules, each importing only those above it: ``shapes`` (shape outlines and masks), ``spec``
 (vocabularies, `SceneSpec`, `SceneObject`, `Scene`, `QA`), ``generate`` (`generate_scene`, the
 co-occurrence prior), ``render`` (`render_scene`), ``language`` (captions and questions),
-``records`` (LLaVA records of one scene), ``multi`` (pairs of scenes and their two-image questions)
-and ``dataset`` (`write_dataset`). This package re-exports their public names.
+``records`` (LLaVA records of one scene), ``multi`` (pairs of scenes and their two-image questions),
+``video`` (moving-shapes clips and their questions) and ``dataset`` (`write_dataset`). This package
+re-exports their public names.
 """
 
 from vlmkit.data.shapes_world.dataset import DRAWING_VARIANTS, RECORD_STYLES, SPLITS, write_dataset
@@ -44,6 +46,7 @@ from vlmkit.data.shapes_world.spec import (
     BACKGROUND_KINDS,
     DEFAULT_HOLDOUT,
     EXTRA_COLORS,
+    HIRES_IMAGE_SIZE,
     PALETTE,
     QA,
     QUESTION_TYPES,
@@ -55,6 +58,14 @@ from vlmkit.data.shapes_world.spec import (
     SceneObject,
     SceneSpec,
     drawn_px,
+    hires_spec,
+)
+from vlmkit.data.shapes_world.video import (
+    VIDEO_QUESTION_TYPES,
+    MovingClip,
+    clip_records,
+    moving_clip,
+    render_clip,
 )
 
 __all__ = [
@@ -89,6 +100,8 @@ __all__ = [
     "OBJECT_LIST_PROMPTS",
     "RECORD_STYLES",
     "drawn_px",
+    "hires_spec",
+    "HIRES_IMAGE_SIZE",
     "grounding_qa",
     "identify_qa",
     "MULTI_QUESTION_TYPES",
@@ -96,4 +109,9 @@ __all__ = [
     "ScenePair",
     "pair_records",
     "scene_pair",
+    "VIDEO_QUESTION_TYPES",
+    "MovingClip",
+    "clip_records",
+    "moving_clip",
+    "render_clip",
 ]

@@ -28,6 +28,13 @@ from vlmkit.data.shapes_world.spec import (
     SceneSpec,
     _as_pairs,
 )
+from vlmkit.data.shapes_world.video import (
+    DEFAULT_FRAMES,
+    VIDEO_QUESTION_TYPES,
+    clip_records,
+    moving_clip,
+    render_clip,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Dataset files
@@ -78,6 +85,8 @@ def write_dataset(
     n_variants: int = 0,
     variants: Mapping[str, Any] | None = None,
     multi_image: int = 0,
+    video: int = 0,
+    video_frames: int = DEFAULT_FRAMES,
 ) -> dict[str, Any]:
     """Generate shapes-world under ``out_dir`` and return the summary also written to ``meta.json``.
 
@@ -102,6 +111,11 @@ def write_dataset(
     ``images/multi_{index}_{1,2}.png``, records ``multi_{split}.json`` (one question each), questions
     ``multi_{split}_qa.jsonl`` (``image`` is the list of both paths) and the ground truth
     ``multi_scenes.jsonl``. Pairs use the training spec (no held-out pair is drawn or named).
+
+    ``video`` clips of ``video_frames`` frames (default 0: none, and nothing else changes) make the
+    moving-shapes task (see `vlmkit.data.shapes_world.video`), split alike: frames
+    ``videos/clip_{index}/frame_{t}.png``, records ``video_{split}.json`` (one question each, ``"video"``:
+    the clip's directory), questions ``video_{split}_qa.jsonl`` and the trajectories ``video_clips.jsonl``.
     """
     t0 = time.perf_counter()
     if not isinstance(n, int) or n < 1:
@@ -156,6 +170,8 @@ def write_dataset(
         raise ValueError(f"multi_image must be an int >= 0 (pairs of images), got {multi_image!r}")
     if multi_image:
         check_pair_spec(spec)
+    if not isinstance(video, int) or video < 0:
+        raise ValueError(f"video must be an int >= 0 (clips), got {video!r}")
     variant_spec = replace(train_spec, **dict(DRAWING_VARIANTS if variants is None else variants))
     split_specs = {"train": train_spec, "val": train_spec, "test": train_spec, "compositional": comp_spec,
                    "variants": variant_spec}
@@ -220,6 +236,7 @@ def write_dataset(
     _dump_jsonl(out / "scenes.jsonl", scene_rows)
     files["scenes"] = "scenes.jsonl"
     multi_counts = _write_pairs(out, seed, train_spec, multi_image, val_fraction, test_fraction, files)
+    video_counts = _write_clips(out, seed, train_spec, video, video_frames, val_fraction, test_fraction, files)
 
     counts = {}
     for split, count in bounds:
@@ -265,6 +282,9 @@ def write_dataset(
     if multi_image:
         meta.update({"multi_image": multi_image, "multi_question_types": list(MULTI_QUESTION_TYPES),
                      "multi_counts": multi_counts})
+    if video:
+        meta.update({"video": video, "video_frames": video_frames, "video_question_types": list(VIDEO_QUESTION_TYPES),
+                     "video_counts": video_counts})
     with open(out / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
@@ -277,11 +297,9 @@ def _write_pairs(out: Path, seed: int, spec: SceneSpec, n: int, val_fraction: fl
     and returns their counts per split."""
     if not n:
         return {}
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
-    bounds = [("train", n - n_val - n_test), ("val", n_val), ("test", n_test)]
     scene_rows, counts = [], {}
     index = 0
-    for split, count in bounds:
+    for split, count in _split_bounds(n, val_fraction, test_fraction):
         records, qa_rows = [], []
         for position in range(count):
             pair = scene_pair(index, seed, spec, position)
@@ -303,4 +321,41 @@ def _write_pairs(out: Path, seed: int, spec: SceneSpec, n: int, val_fraction: fl
                                     for t in ("multi_count", "multi_both")}}
     _dump_jsonl(out / "multi_scenes.jsonl", scene_rows)
     files["multi_scenes"] = "multi_scenes.jsonl"
+    return counts
+
+
+def _split_bounds(n: int, val_fraction: float, test_fraction: float) -> list[tuple[str, int]]:
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    return [("train", n - n_val - n_test), ("val", n_val), ("test", n_test)]
+
+
+def _write_clips(out: Path, seed: int, spec: SceneSpec, n: int, frames: int, val_fraction: float,
+                 test_fraction: float, files: dict[str, str]) -> dict[str, Any]:
+    """Render and write `n` moving-shapes clips (the files `write_dataset` describes); adds them to `files`
+    and returns their counts per split."""
+    if not n:
+        return {}
+    rows, counts, index = [], {}, 0
+    for split, count in _split_bounds(n, val_fraction, test_fraction):
+        records, qa_rows = [], []
+        for position in range(count):
+            clip = moving_clip(index, seed, spec, position, frames)
+            directory = f"videos/clip_{index:06d}/"
+            (out / directory).mkdir(parents=True, exist_ok=True)
+            for t, frame in enumerate(render_clip(clip, spec)):
+                frame.save(out / directory / f"frame_{t:03d}.png", format="PNG")
+            rows.append({"id": f"video_{index:06d}", "video": directory, "split": split, **clip.to_dict()})
+            records.extend(clip_records(clip, directory))
+            qa_rows.extend({"id": f"video_{index:06d}_{j:02d}", "video": directory, **q.to_dict()}
+                           for j, q in enumerate(clip.questions))
+            index += 1
+        name = f"video_{split}"
+        _dump_json_list(out / f"{name}.json", records)
+        _dump_jsonl(out / f"{name}_qa.jsonl", qa_rows)
+        files[name], files[f"{name}_qa"] = f"{name}.json", f"{name}_qa.jsonl"
+        counts[name] = {"clips": count, "records": len(records), "qa": len(qa_rows),
+                        "answers": {t: dict(sorted(Counter(r["answer"] for r in qa_rows if r["type"] == t).items()))
+                                    for t in ("video_direction", "video_leave")}}
+    _dump_jsonl(out / "video_clips.jsonl", rows)
+    files["video_clips"] = "video_clips.jsonl"
     return counts

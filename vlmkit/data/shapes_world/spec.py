@@ -344,6 +344,19 @@ class QA:
         return d
 
 
+HIRES_IMAGE_SIZE = 256
+
+
+def hires_spec(image_size: int = HIRES_IMAGE_SIZE, backgrounds: bool = True) -> SceneSpec:
+    """Scenes where resolution matters: the default 64 px scenes' objects (10 and 19 px) on a larger canvas.
+
+    At 256 px, resizing the image to 64 px shrinks every object to 2-5 px, too small to tell a star from
+    a cross; tiles of 64 px at full resolution show them as the default scenes do.
+    """
+    sizes = {name: SceneSpec().size_px(name) / image_size for name in SIZES}
+    return SceneSpec(image_size=image_size, sizes=sizes, backgrounds=backgrounds)
+
+
 def drawn_px(spec: SceneSpec, size: str, scale: float = 1.0) -> int:
     """Side in pixels an object of size class `size` is drawn at, with its jitter `scale`."""
     return max(_MIN_SIZE_PX, round(spec.size_px(size) * scale)) if scale != 1.0 else spec.size_px(size)

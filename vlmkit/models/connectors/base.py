@@ -20,7 +20,9 @@ class Connector(nn.Module):
     model is built, with the setting to change, rather than deep inside a forward pass.
     """
 
-    grid_only = False  # works on the patch grid alone: CLS-like prefix tokens are refused
+    # Works on the patch grid alone: CLS-like prefix tokens are refused, and so is token merging
+    # (vision.token_merging), whose merged tokens form no grid.
+    grid_only = False
     has_token_grid = True  # its tokens keep a rows x columns layout, so the grid embedding applies
 
     def __init__(self, cfg: ConnectorConfig, vision_dim: int, lm_dim: int, num_prefix_tokens: int):
