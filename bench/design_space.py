@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import write_table_section  # noqa: E402
 from recipe_ablation import DEMO, make_data, stage_overrides  # noqa: E402
 
 BEGIN, END = "<!-- table: bench/design_space.py -->", "<!-- end of table -->"
@@ -174,13 +175,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def write_doc(doc: Path, rows: list[dict], command: str) -> None:
-    generated = f"{BEGIN}\nMade by `{command}`.\n\n{table(rows)}\n{END}"
-    text = doc.read_text() if doc.is_file() else "# Connector and fusion design space\n\n"
-    if BEGIN in text and END in text:  # keep the prose around the table
-        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + generated + "\n"
-    doc.write_text(text)
+    write_table_section(doc, BEGIN, END, f"Made by `{command}`.\n\n{table(rows)}", "Connector and fusion design space")
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from doc_tables import write_table_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "vlmkit" / "recipes" / "demo.yaml"
@@ -228,17 +229,9 @@ def main() -> int:
         print(table([done[name]]), flush=True)
     rows = [done[n] for n in names if n in done]
     command = "python bench/recipe_ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    generated = (f"{BEGIN}\nMade by `{command.strip()}` ({args.budget:.0f} s of training per variant).\n\n"
-                 f"{table(rows)}\n{END}")
-    doc = Path(args.doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    text = doc.read_text() if doc.is_file() else "# Recipe ablation\n\n"
-    if BEGIN in text and END in text:  # keep the prose around the table
-        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + generated + "\n"
-    doc.write_text(text)
-    print(f"[ablation] table written to {doc}")
+    body = f"Made by `{command.strip()}` ({args.budget:.0f} s of training per variant).\n\n{table(rows)}"
+    write_table_section(Path(args.doc), BEGIN, END, body, "Recipe ablation")
+    print(f"[ablation] table written to {args.doc}")
     return 0
 
 

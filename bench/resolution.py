@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import yaml
+from doc_tables import write_table_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "vlmkit" / "recipes" / "demo.yaml"
@@ -187,13 +188,8 @@ def table(rows: list[dict]) -> str:
 
 
 def write_doc(doc: Path, rows: list[dict], command: str, note: str) -> None:
-    generated = f"{BEGIN}\n{note}Made by `{command}`.\n\n{table(rows)}\n{END}"
-    text = doc.read_text() if doc.is_file() else "# Resolution: fixed resize vs AnyRes\n\n"
-    if BEGIN in text and END in text:  # keep the prose around the table
-        text = text[: text.index(BEGIN)] + generated + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + generated + "\n"
-    doc.write_text(text)
+    write_table_section(doc, BEGIN, END, f"{note}Made by `{command}`.\n\n{table(rows)}",
+                        "Resolution: fixed resize vs AnyRes")
 
 
 def main() -> int:
