@@ -191,7 +191,8 @@ class VisionLanguageModel(Checkpointable, nn.Module):
     ) -> list[list[int]]:
         """Generate from left-padded prompts with images fused in (from `pixel_values`, or `image_embeds`
         already encoded); the fusion's layer context reaches every decode step. `kwargs` as
-        `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator, use_cache)."""
+        `LanguageModel.generate` (max_new_tokens, eos_token_id, temperature, top_p, generator, use_cache,
+        speculative)."""
         fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds)
         return self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask,
-                                context=fused.context, **kwargs)
+                                context=fused.context, prompt_ids=input_ids, **kwargs)
