@@ -10,10 +10,11 @@ logits can then pick differently, as batching already can.)
 
 Drafters (`LanguageModel.generate(..., speculative=drafter)`, or `--speculative SPEC` on the commands):
 
-- `NGramDrafter` (`ngram`; prompt lookup decoding, Saxena 2023): finds the latest earlier occurrence
-  of the sequence's last n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the answer
-  so far, and proposes the tokens that followed it. No second model; it pays off when the answer
-  repeats its prompt or itself (extraction, rewriting, lists), and costs a wasted check otherwise.
+- `NGramDrafter` (`ngram`; prompt lookup decoding, Saxena 2023): finds an earlier occurrence of the
+  sequence's last n tokens (n from `max_ngram` down to `min_ngram`) in the prompt and the answer so
+  far, the latest one followed by `tokens` tokens, and proposes the tokens that followed it. No second
+  model; it pays off when the answer repeats its prompt or itself (extraction, rewriting, lists), and
+  costs a wasted check otherwise.
 - `EarlyExitDrafter` (`early-exit`; self-speculative, as in LayerSkip / Draft & Verify): the model's
   own first `layers` layers, its final norm and head. The drafts fill those layers' KV cache, which
   the checking forward then overwrites with the same values. Acceptance depends on how well the
@@ -34,20 +35,25 @@ from vlmkit.models.language import KVCache, LanguageModel, LayerContext, cache_d
 
 @dataclass
 class SpeculativeStats:
-    """Counts over the rounds of every `generate` call since `reset` (rows counted separately)."""
+    """Counts over the checking rounds of every `generate` call since `reset`."""
 
     rounds: int = 0  # checking forwards
-    proposed: int = 0  # draft tokens proposed for unfinished rows
+    row_rounds: int = 0  # rounds x unfinished rows in them
+    proposed: int = 0  # draft tokens proposed to unfinished rows
     accepted: int = 0  # of those, kept
-    tokens: int = 0  # tokens produced for unfinished rows (kept drafts + the model's own)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
 
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a row gains per checking forward: its kept drafts + the model's own token."""
+        return 1 + self.accepted / self.row_rounds if self.row_rounds else 0.0
+
     def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted, "tokens": self.tokens,
-                "acceptance_rate": self.acceptance_rate}
+        return {"rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round}
 
 
 class Drafter:
@@ -88,7 +94,6 @@ class Drafter:
         for row, token in zip(history, last.tolist()):
             row.append(token)
         out = last[:, None]
-        self.stats.tokens += b
         done = last == eos_token_id if eos_token_id is not None else torch.zeros_like(last, dtype=torch.bool)
         while out.shape[1] < max_new_tokens and not bool(done.all()):
             # The round's own token (the model's) is the last one allowed: drafts stop one short of the limit.
@@ -111,9 +116,9 @@ class Drafter:
                 row.extend(tokens)
             rows = int(live.sum())
             self.stats.rounds += 1
+            self.stats.row_rounds += rows
             self.stats.proposed += d * rows
             self.stats.accepted += kept * rows
-            self.stats.tokens += (kept + 1) * rows
             if eos_token_id is not None:
                 done |= (new == eos_token_id).any(dim=1)
         return [cut_at(row[:max_new_tokens], eos_token_id) for row in out.tolist()]
@@ -139,12 +144,18 @@ class NGramDrafter(Drafter):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def lookup(self, sequence: list[int], limit: int) -> list[int]:
-        """What followed the latest earlier occurrence of the longest matching suffix (up to `limit` tokens)."""
+        """What followed an earlier occurrence of the longest matching suffix: the latest occurrence followed
+        by `limit` tokens, else the one followed by the most (near the end, fewer tokens follow)."""
         for n in range(min(self.max_ngram, len(sequence) - 1), self.min_ngram - 1, -1):
-            suffix = sequence[-n:]
+            suffix, best = sequence[-n:], []
             for start in range(len(sequence) - n - 1, -1, -1):  # latest first; not the suffix itself
                 if sequence[start : start + n] == suffix:
-                    return sequence[start + n : start + n + limit]
+                    follow = sequence[start + n : start + n + limit]
+                    if len(follow) == limit:
+                        return follow
+                    best = max(best, follow, key=len)
+            if best:
+                return best
         return []
 
     def propose(self, lm, cache, mask, last, history, limit):
