@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmkit.commands.eval", "evaluate a trained model on a split"),
     "chat": ("vlmkit.commands.chat", "ask a trained model a question (optionally about an image)"),
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
+    "profile": ("vlmkit.commands.profile", "time each stage of a request (preprocess, vision, prefill, decode)"),
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
     "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava format"),
     "demo": ("vlmkit.commands.demo", "run the built-in offline demo end to end"),

@@ -7,11 +7,16 @@ MODEL_DIR is a vlmkit model or training run directory, or a Hugging Face languag
 before the question, one line each (the layout shapes-world's two-image records are trained on),
 unless the question holds `<image>` tags, one per image, which place them in the text instead:
 ``--image a.png --image b.png "Compare <image> with <image>."``.
+
+`--quantize int8` runs the LM's linear layers in int8 (weights only); `--speculative ngram` drafts tokens
+from the prompt and checks them in one forward (the same greedy answer, sooner). See README "Inference speed".
 """
 
 from __future__ import annotations
 
 import argparse
+
+from vlmkit.commands.inference_options import add_inference_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_inference_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,23 +38,16 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.cli import UserError
     from vlmkit.data.images import load_image
     from vlmkit.device import resolve_device
-    from vlmkit.eval.generation import Answerer
-    from vlmkit.hf.pretrained import load_language_model, load_tokenizer, read_config
-    from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+    from vlmkit.eval.generation import Answerer, load_for_inference
+    from vlmkit.models.vlm import VisionLanguageModel
 
-    model_dir = resolve_model_dir(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
-                                "or a Hugging Face language model directory")
-    device = resolve_device(args.device)
-    if read_config(model_dir).get("format") == "vlmkit":
-        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
-    elif args.image:
-        raise UserError(f"{model_dir} is a language model without a vision tower: --image needs a VLM")
-    else:
-        model = load_language_model(model_dir).to(device)
-    answerer = Answerer(model, load_tokenizer(model_dir), batch_size=1, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
+    model, tokenizer = load_for_inference(args.model_dir, resolve_device(args.device), args.quantize)
+    if args.image and not isinstance(model, VisionLanguageModel):
+        raise UserError(f"{args.model_dir} is a language model without a vision tower: --image needs a VLM")
+    if args.speculative is not None and args.temperature > 0:
+        raise UserError("--speculative decodes greedily: leave --temperature at 0")
+    answerer = Answerer(model, tokenizer, batch_size=1, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p, speculative=args.speculative)
     images = [answerer.processor.preprocess(load_image(path)) for path in args.image]
     torch.manual_seed(args.seed)
     print(answerer.answer([args.question], [images])[0])

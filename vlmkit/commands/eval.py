@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmkit.commands.inference_options import add_inference_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run directory (or a model directory with --data)")
@@ -30,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-severities", type=_severities, default=(0, 1, 2, 3, 4, 5), metavar="S,S,...",
                    help="reliability: corruption/shift severities to measure, e.g. 0,3,5 (default: 0,1,2,3,4,5)")
     p.add_argument("--seed", type=int, default=0, help="reliability: seed of every sampled probe")
+    add_inference_options(p)  # standard suite
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     if args.suite == "reliability":
+        if args.quantize or args.speculative:
+            raise ValueError("--quantize and --speculative apply to the standard suite (eval.json) only")
         from vlmkit.eval.reliability import run_reliability, summary_markdown
 
         report = run_reliability(args.run_dir, data_root=args.data, split=args.split, limit=args.limit,
@@ -60,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} only applies with --suite reliability")
     from vlmkit.eval.run_eval import evaluate, print_report
 
-    results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out)
+    results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out,
+                       quantize=args.quantize, speculative=args.speculative)
     print_report(results)
     return 0

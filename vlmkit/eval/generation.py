@@ -11,8 +11,11 @@ from vlmkit.data.images import load_image
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.device import autocast
+from vlmkit.hf.pretrained import load_language_model, load_tokenizer, read_config
 from vlmkit.models.language import LanguageModel
-from vlmkit.models.vlm import VisionLanguageModel
+from vlmkit.models.quantize import quantize_model
+from vlmkit.models.speculative import Drafter
+from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
 # What one question is about: nothing, one preprocessed image [3, H, W], or several in reading order.
 QuestionImages = torch.Tensor | Sequence[torch.Tensor] | None
@@ -27,6 +30,24 @@ def _image_list(entry: QuestionImages) -> list[torch.Tensor]:
                              "images as a list")
         return [entry]
     return list(entry)
+
+
+def load_for_inference(model_dir: str | Path, device: str | torch.device = "cpu",
+                       quantize: str | None = None) -> tuple[VisionLanguageModel | LanguageModel, Tokenizer]:
+    """The model and tokenizer of a vlmkit model or run directory, or of a Hugging Face language-model
+    directory (Llama / Qwen2 with its tokenizer), in eval mode; `quantize` ("int8") quantizes its linear
+    layers after loading (see models/quantize.py)."""
+    model_dir = resolve_model_dir(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir / 'config.json'} not found: expected a vlmkit model or run directory, "
+                                "or a Hugging Face language model directory")
+    if read_config(model_dir).get("format") == "vlmkit":
+        model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    else:
+        model = load_language_model(model_dir).to(device)
+    if quantize:
+        quantize_model(model, quantize)
+    return model.eval(), load_tokenizer(model_dir)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +68,14 @@ class Answerer:
 
     def __init__(self, model: VisionLanguageModel | LanguageModel, tokenizer: Tokenizer, batch_size: int = 64,
                  max_new_tokens: int = 24, precision: str = "bf16", temperature: float = 0.0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, speculative: Drafter | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.has_vision = isinstance(model, VisionLanguageModel)
         self.processor = VLMProcessor.for_model(model, tokenizer)  # text-only for a LanguageModel
         self.batch_size, self.max_new_tokens, self.precision = batch_size, max_new_tokens, precision
         self.temperature, self.top_p = temperature, top_p
+        self.speculative = speculative  # greedy decoding with drafts checked by the model (models/speculative.py)
         self.device = next(model.parameters()).device
 
     def answer(self, questions: Sequence[str], images: Sequence[QuestionImages]) -> list[str]:
@@ -86,7 +108,8 @@ class Answerer:
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
                                           max_new_tokens=self.max_new_tokens,
                                           eos_token_id=self.processor.end_of_turn_id,
-                                          temperature=self.temperature, top_p=self.top_p)
+                                          temperature=self.temperature, top_p=self.top_p,
+                                          speculative=self.speculative)
             for i, tokens in zip(chunk, out):
                 answers[i] = self.tok.decode(tokens).strip()
         return answers

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlmkit.data.tokenizer import Tokenizer
-from vlmkit.eval.generation import Answerer
+from vlmkit.eval.generation import Answerer, load_for_inference
 from vlmkit.eval.metrics import markdown_table, score
 from vlmkit.io import read_jsonl, write_json_atomic
+from vlmkit.models.speculative import Drafter
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
 
 # Held-out splits scored beside the asked one when the data has them: unseen colour-shape pairs, and
@@ -35,15 +35,19 @@ def data_root_of(run_dir: Path) -> Path:
 
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, quantize: str | None = None,
+             speculative: Drafter | None = None) -> dict:
     """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
     present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
-    directory) and return the results. Question records may name one image or a list of images."""
+    directory) and return the results. Question records may name one image or a list of images.
+    `quantize` ("int8") and `speculative` (a drafter) change how answers are generated (see models/)."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
-    answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
+    model, tokenizer = load_for_inference(model_dir, device, quantize)
+    if not isinstance(model, VisionLanguageModel):
+        raise ValueError(f"{model_dir} is a language model without a vision tower: eval needs a VLM")
+    answerer = Answerer(model, tokenizer, batch_size=batch_size, speculative=speculative)
     results: dict = {}
     samples: dict[str, list] = {}
     extra = extra_splits(split)

@@ -334,13 +334,15 @@ class LanguageModel(nn.Module):
                           logits=False).hidden_states[:, -1]
             new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
             done = torch.zeros(b, dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
+            for step in range(max_new_tokens):
                 next_token = _pick(self.lm_head(hidden).float(), temperature, top_p, generator)
                 new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
                 if eos_token_id is not None:
                     done |= next_token == eos_token_id
                     if bool(done.all()):
                         break
+                if step == max_new_tokens - 1:
+                    break  # the last token needs no forward of its own
                 mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
                 step = self.embed_tokens(next_token[:, None])
                 if cache is not None:  # the cache carries the context from the prefill

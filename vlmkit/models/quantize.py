@@ -5,13 +5,16 @@ scale per output channel (symmetric, scale = max |w| of the row / 127); activati
 Decoding reads every weight once per token, so a quarter of fp32's bytes (half of bf16's) is where the
 speed comes from.
 
-On CPU the matmul is torch's `_weight_int8pack_mm` kernel (int8 weights, bf16 activations). It needs
-the input width to be a multiple of 16 (other widths give wrong numbers, not errors), so other layers,
-and other devices, dequantize on the fly: the weight is cast to the activation dtype at each call and
-the per-channel scales multiply the output. That second path is what torchao 0.18's
-`Int8WeightOnlyConfig` does on CPU, behind a tensor-subclass dispatch; bench/decode.py measures it
-beside the kernel and `torch.ao.quantization.quantize_dynamic` (int8 activations too: deprecated,
-fp32 only, less accurate).
+On CPU, up to 16 rows at a time (decode steps of small batches), the matmul is torch's
+`_weight_int8pack_mm` kernel (int8 weights, bf16 activations): 2-3x faster than a bf16 matmul at 1-8
+rows, even at 16, twice as slow at 64 (SmolLM2's shapes, measured here). It needs the input width to be
+a multiple of 16 (other widths give wrong numbers, not errors). Larger row counts (prefill, large
+batches), other widths and other devices dequantize on the fly: the weight is cast to the compute
+dtype at each call and the per-channel scales multiply the output. That second path is what torchao
+0.18's `Int8WeightOnlyConfig` does on CPU, behind a tensor-subclass dispatch; bench/decode.py measures it
+beside `torch.ao.quantization.quantize_dynamic`, which also quantizes activations (one scale per
+tensor): faster still here, but it wrecks SmolLM2 (top-1 agreement with fp32 0.47; weight-only: 0.93),
+and it is deprecated. On CPU the layer computes in bf16 either way (its weights hold less precision).
 
 A quantized model is for inference: `quantize_model` marks it (`model.quantization`) and saving it
 is refused (quantizing takes seconds; keep the float checkpoint and quantize after loading).
@@ -25,6 +28,7 @@ from torch import nn
 
 QUANTIZATIONS = ("int8",)
 _KERNEL_MULTIPLE = 16  # _weight_int8pack_mm's input width must be a multiple of this
+_KERNEL_MAX_ROWS = 16  # beyond, dequantizing and one bf16 matmul is faster
 
 
 class Int8Linear(nn.Module):
@@ -52,20 +56,18 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the layer computes as a float Linear would: in the autocast dtype.
+        # The caller gets what a float Linear would give it: the autocast dtype under autocast, else x's.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        compute = torch.bfloat16 if x.device.type == "cpu" else dtype
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and self.in_features % _KERNEL_MULTIPLE == 0 and x2.shape[0] > 0:
-            # The fp32 variant of the kernel is a slow fallback: compute in bf16, return the caller's dtype.
-            kernel_dtype = torch.bfloat16
-            out = torch.ops.aten._weight_int8pack_mm(x2.to(kernel_dtype).contiguous(), self.weight_int8,
-                                                     self._scales(kernel_dtype)).to(dtype)
+        x2 = x.reshape(-1, self.in_features).to(compute)
+        if x.device.type == "cpu" and self.in_features % _KERNEL_MULTIPLE == 0 and 0 < len(x2) <= _KERNEL_MAX_ROWS:
+            out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self._scales(compute))
         else:
-            out = F.linear(x2.to(dtype), self.weight_int8.to(dtype)) * self._scales(dtype)
+            out = F.linear(x2, self.weight_int8.to(compute)) * self._scales(compute)
         if self.bias is not None:
-            out = out + self.bias.to(dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+            out = out + self.bias.to(compute)
+        return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def _scales(self, dtype: torch.dtype) -> torch.Tensor:
         cached = self._scale_cache.get(dtype)
