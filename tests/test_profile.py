@@ -59,6 +59,12 @@ def test_kv_cache_bytes_follow_the_config(make_config):
     assert "error" in odd[0]
     cross = VisionLanguageModel(make_config(fusion="cross_attention"))
     assert image_costs(cross, torch.float32, sizes=[32])[0]["placeholders"] == 1  # tokens stay out of the sequence
+    text_only = image_costs(model.lm, torch.float32, text_tokens=10, new_tokens=5)  # a language model alone
+    assert text_only == [{"image_size": None, "connector_tokens": 0, "placeholders": 0, "kv_bytes_image": 0,
+                          "kv_bytes_request": 15 * 2 * per_token}]
+    report = {"latency": [], "image_costs": text_only, "kv_dtype": "float32", "image": None,
+              "kv_bytes_per_token": 2 * per_token, "text_tokens": 10, "max_new_tokens": 5}
+    assert "a request = 10 text + 5 new tokens" in markdown(report) and "image size" not in markdown(report)
 
 
 def test_profile_command_and_speed_options(tiny_model, tokenizer, image_file, tmp_path, capsys):

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.speculative is not None and args.temperature > 0:
         raise UserError("--speculative decodes greedily: leave --temperature at 0")
     answerer = Answerer(model, tokenizer, batch_size=1, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, speculative=args.speculative)
+                        precision=args.precision, temperature=args.temperature, top_p=args.top_p,
+                        speculative=args.speculative)
     images = [answerer.processor.preprocess(load_image(path)) for path in args.image]
     torch.manual_seed(args.seed)
     print(answerer.answer([args.question], [images])[0])

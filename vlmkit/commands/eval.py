@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     device = str(resolve_device(args.device))
     if args.suite == "reliability":
-        if args.quantize or args.speculative:
-            raise ValueError("--quantize and --speculative apply to the standard suite (eval.json) only")
+        if args.quantize or args.speculative or args.precision != "bf16":
+            raise ValueError("--quantize, --speculative and --precision apply to the standard suite (eval.json) only")
         from vlmkit.eval.reliability import run_reliability, summary_markdown
 
         report = run_reliability(args.run_dir, data_root=args.data, split=args.split, limit=args.limit,
@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.eval.run_eval import evaluate, print_report
 
     results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out,
-                       quantize=args.quantize, speculative=args.speculative)
+                       quantize=args.quantize, speculative=args.speculative, precision=args.precision)
     print_report(results)
     return 0

@@ -1,4 +1,4 @@
-"""Options shared by the commands that generate (chat, eval, profile): `--quantize` and `--speculative`."""
+"""Options shared by the commands that generate (chat, eval, profile): precision, `--quantize`, `--speculative`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
-    """--quantize and --speculative, shared by chat, eval and profile."""
+    """--precision, --quantize and --speculative, shared by chat, eval and profile."""
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (default) or fp32; tiny models decode faster in fp32 on CPU")
     p.add_argument("--quantize", choices=("int8",),
                    help="int8: weight-only int8 linear layers of the LM, quantized after loading")
     p.add_argument("--speculative", metavar="SPEC", type=_drafter,

@@ -33,8 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row (no end-of-turn stop)")
     p.add_argument("--image-sizes", type=_ints, metavar="PX,PX,...",
                    help="image sizes for the token / KV-cache table (default: 0.5, 1, 2, 4 x the model's)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="bf16 autocast (as chat and eval) "
-                                                                                   "or fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
     add_inference_options(p)

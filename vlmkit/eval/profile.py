@@ -196,9 +196,10 @@ def markdown(report: dict[str, Any]) -> str:
                  + " |")
     costs = report["image_costs"]
     dtype = report["kv_dtype"]
+    image = "" if costs and costs[0]["image_size"] is None else " + image"
     lines += ["", f"KV cache: {_size(report['kv_bytes_per_token'])} per token ({dtype}); a request = "
-                  f"{report['text_tokens']} text + image + {report['max_new_tokens']} new tokens, batch 1", ""]
-    if report.get("image") is None and costs and costs[0]["image_size"] is None:
+                  f"{report['text_tokens']} text{image} + {report['max_new_tokens']} new tokens, batch 1", ""]
+    if not image:  # a language model: no image sizes
         lines.append(f"KV cache of the request: {_size(costs[0]['kv_bytes_request'])}")
         return "\n".join(lines)
     lines += ["| image size | connector tokens | placeholders | KV bytes, image | KV bytes, request |",

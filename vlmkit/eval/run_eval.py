@@ -36,18 +36,19 @@ def data_root_of(run_dir: Path) -> Path:
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
              out: str | Path | None = None, quantize: str | None = None,
-             speculative: Drafter | None = None) -> dict:
+             speculative: Drafter | None = None, precision: str = "bf16") -> dict:
     """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
     present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
     directory) and return the results. Question records may name one image or a list of images.
-    `quantize` ("int8") and `speculative` (a drafter) change how answers are generated (see models/)."""
+    `quantize` ("int8"), `speculative` (a drafter) and `precision` ("bf16" autocast or "fp32") change how
+    answers are generated, not what is scored."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
     model_dir = resolve_model_dir(run_dir)
     model, tokenizer = load_for_inference(model_dir, device, quantize)
     if not isinstance(model, VisionLanguageModel):
         raise ValueError(f"{model_dir} is a language model without a vision tower: eval needs a VLM")
-    answerer = Answerer(model, tokenizer, batch_size=batch_size, speculative=speculative)
+    answerer = Answerer(model, tokenizer, batch_size=batch_size, precision=precision, speculative=speculative)
     results: dict = {}
     samples: dict[str, list] = {}
     extra = extra_splits(split)
