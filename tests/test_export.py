@@ -26,6 +26,8 @@ CASES = {
     "dinov2-qwen2-linear": dict(vision={**RAW, "layerscale": True, "native_image_size": 48, "keep_cls": True,
                                         "select_layer": -1},
                                 lm={"qkv_bias": True, "tie_word_embeddings": False}, connector={"name": "linear"}),
+    # DINOv2-style tower without layer scale (identity scales are written), the demo's tower layout.
+    "dinov2-no-layerscale": dict(vision={**RAW, "select_layer": -1}, connector={"name": "mlp2x_gelu"}),
     # SigLIP-style tower: no CLS token, no patch bias, no final norm, tanh GELU.
     "siglip-llama-mlp": dict(vision={**RAW, "use_cls_token": False, "patch_bias": False, "post_layernorm": False,
                                      "activation": "gelu_tanh"},
@@ -70,7 +72,8 @@ def test_llava_logits_match_ours(case, make_config, tokenizer, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["image_token_index"] == tokenizer.image_id
     assert config["vision_feature_layer"] == model.config.vision.select_layer
-    strategy = "full" if case != "clip-llama-mlp" else "default"  # keep the CLS token / there is none
+    # "default" drops the CLS token; "full" keeps it (keep_cls), or there is none (SigLIP).
+    strategy = "default" if case in ("clip-llama-mlp", "dinov2-no-layerscale") else "full"
     assert config["vision_feature_select_strategy"] == strategy
     assert (ref.lm_head.weight is ref.model.language_model.embed_tokens.weight) == model.config.lm.tie_word_embeddings
 

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("vlmkit.commands.chat", "ask a trained model a question (optionally about an image)"),
     "info": ("vlmkit.commands.info", "describe a model checkpoint directory"),
     "tokens": ("vlmkit.commands.tokens", "plan a token budget: visual tokens, KV cache, attention cost, frames"),
+    "profile": ("vlmkit.commands.profile", "time each stage of a request (preprocess, vision, prefill, decode)"),
     "import": ("vlmkit.commands.import_model", "convert a packaged pretrained model to a HF-format directory"),
     "export": ("vlmkit.commands.export", "write a trained model in transformers' Llava / LLaVA-NeXT format"),
     "merge": ("vlmkit.commands.merge", "fold a run's LoRA adapters into a plain vlmkit model"),

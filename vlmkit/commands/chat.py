@@ -11,11 +11,16 @@ unless the question holds `<image>` tags, one per image, which place them in the
 `--video` (a directory of frames, or a video file) asks about a clip instead: the model's
 `model.video` settings choose the frames, shown as "Frame 1: <image>" lines before the question (or
 where the question's `<video>` tag is).
+
+`--quantize int8` runs the LM's linear layers in int8 (weights only); `--speculative ngram` drafts tokens
+from the prompt and checks them in one forward (the same greedy answer, sooner). See README "Inference speed".
 """
 
 from __future__ import annotations
 
 import argparse
+
+from vlmkit.commands.inference_options import add_inference_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_inference_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image and args.video:
         raise UserError("give --image or --video, not both")
-    model, tokenizer, model_dir = load_for_inference(args.model_dir, resolve_device(args.device))
+    if args.speculative is not None and args.temperature > 0:
+        raise UserError("--speculative decodes greedily: leave --temperature at 0")
+    model, tokenizer, model_dir = load_for_inference(args.model_dir, resolve_device(args.device), args.quantize)
     if (args.image or args.video) and not isinstance(model, VisionLanguageModel):
         raise UserError(f"{model_dir} is a language model without a vision tower: --image and --video need a VLM")
     answerer = Answerer(model, tokenizer, batch_size=1, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
+                        precision=args.precision, temperature=args.temperature, top_p=args.top_p,
+                        speculative=args.speculative)
     torch.manual_seed(args.seed)
     if args.video:
         print(answerer.answer_records([{"video": args.video, "question": args.question}], ".")[0])

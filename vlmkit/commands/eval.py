@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlmkit.commands.inference_options import add_inference_options
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run directory (or a model directory with --data)")
@@ -33,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-merging", type=int, metavar="R",
                    help="standard: merge R vision tokens per tower block (ToMe) whatever the model was trained with; "
                         "0 switches it off (needs a connector that takes any number of tokens)")
+    add_inference_options(p)  # standard suite
 
 
 def _severities(text: str) -> tuple[int, ...]:
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.suite == "reliability" and args.token_merging is not None:
         raise ValueError("--token-merging applies to the standard suite only")
     if args.suite == "reliability":
+        if args.quantize or args.speculative or args.precision != "bf16":
+            raise ValueError("--quantize, --speculative and --precision apply to the standard suite (eval.json) only")
         from vlmkit.eval.reliability import run_reliability, summary_markdown
 
         report = run_reliability(args.run_dir, data_root=args.data, split=args.split, limit=args.limit,
@@ -68,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmkit.eval.run_eval import evaluate, print_report
 
     results = evaluate(args.run_dir, args.split, args.data, args.limit, args.batch_size, device, args.out,
-                       token_merging=args.token_merging)
+                       token_merging=args.token_merging, quantize=args.quantize, speculative=args.speculative,
+                       precision=args.precision)
     print_report(results)
     return 0

@@ -13,6 +13,7 @@ from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.data.video import VIDEO_TAG
 from vlmkit.device import autocast
 from vlmkit.models.language import LanguageModel
+from vlmkit.models.speculative import Drafter
 from vlmkit.models.vlm import VisionLanguageModel
 
 # What one question is about: nothing, one preprocessed image ([3, H, W], or AnyRes `Tiles`), or several
@@ -52,13 +53,14 @@ class Answerer:
 
     def __init__(self, model: VisionLanguageModel | LanguageModel, tokenizer: Tokenizer, batch_size: int = 64,
                  max_new_tokens: int = 24, precision: str = "bf16", temperature: float = 0.0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, speculative: Drafter | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.has_vision = isinstance(model, VisionLanguageModel)
         self.processor = VLMProcessor.for_model(model, tokenizer)  # text-only for a LanguageModel
         self.batch_size, self.max_new_tokens, self.precision = batch_size, max_new_tokens, precision
         self.temperature, self.top_p = temperature, top_p
+        self.speculative = speculative  # greedy decoding with drafts checked by the model (models/speculative.py)
         self.device = next(model.parameters()).device
 
     def answer(self, questions: Sequence[str], images: Sequence[QuestionImages],
@@ -104,7 +106,8 @@ class Answerer:
                 out = self.model.generate(ids.to(self.device), mask.to(self.device), **extra,
                                           max_new_tokens=self.max_new_tokens,
                                           eos_token_id=self.processor.end_of_turn_id,
-                                          temperature=self.temperature, top_p=self.top_p)
+                                          temperature=self.temperature, top_p=self.top_p,
+                                          speculative=self.speculative)
             for i, tokens in zip(chunk, out):
                 answers[i] = self.tok.decode(tokens).strip()
         return answers

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlmkit.data.tokenizer import Tokenizer
 from vlmkit.eval.generation import Answerer
 from vlmkit.eval.metrics import markdown_table, score
+from vlmkit.hf.pretrained import load_for_inference
 from vlmkit.io import read_jsonl, write_json_atomic
-from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir
+from vlmkit.models.speculative import Drafter
+from vlmkit.models.vlm import VisionLanguageModel
 
 # Held-out splits scored beside the asked one when the data has them: unseen colour-shape pairs, and
 # training's pairs drawn differently (see vlmkit.data.shapes_world).
@@ -39,19 +40,22 @@ def data_root_of(run_dir: Path) -> Path:
 
 def evaluate(run_dir: str | Path, split: str = "test", data_root: str | Path | None = None,
              limit: int | None = None, batch_size: int = 64, device: str = "cpu",
-             out: str | Path | None = None, token_merging: int | None = None) -> dict:
+             out: str | Path | None = None, token_merging: int | None = None, quantize: str | None = None,
+             speculative: Drafter | None = None, precision: str = "bf16") -> dict:
     """Answer every question of `{split}_qa.jsonl` (and of the splits of `extra_splits` whose files are
     present, each its own entry of the result), score, write `eval.json` (to `out`, default the run
     directory) and return the results. Question records may name one image or a list of images.
     `token_merging`: merge that many vision tokens per block (ToMe; 0: off), whatever the model was trained
-    with (recorded in the results as `token_merging_r`)."""
+    with (recorded in the results as `token_merging_r`). `quantize` ("int8"), `speculative` (a drafter) and
+    `precision` ("bf16" autocast or "fp32") change how answers are generated, not what is scored."""
     run_dir = Path(run_dir)
     root = Path(data_root) if data_root else data_root_of(run_dir)
-    model_dir = resolve_model_dir(run_dir)
-    model = VisionLanguageModel.from_pretrained(model_dir, device=device)
+    model, tokenizer, model_dir = load_for_inference(run_dir, device, quantize)
+    if not isinstance(model, VisionLanguageModel):
+        raise ValueError(f"{model_dir} is a language model without a vision tower: eval needs a VLM")
     if token_merging is not None:
         model.set_token_merging(token_merging)
-    answerer = Answerer(model, Tokenizer.load(model_dir), batch_size=batch_size)
+    answerer = Answerer(model, tokenizer, batch_size=batch_size, precision=precision, speculative=speculative)
     results: dict = {}
     samples: dict[str, list] = {}
     extra = extra_splits(split)

@@ -126,7 +126,7 @@ def vision_state_dict_to_hf(vit: ViT, family: VisionFamily, image_size: int | No
                 state[f"{prefix}{proj}.weight"] *= scale[:, None]
                 state[f"{prefix}{proj}.bias"] *= scale
         if family is DINOV2 and not cfg.layerscale:
-            state[f"{prefix}ls1.scale"] = state[f"{prefix}ls2.scale"] = torch.ones(d)
+            state[f"{prefix}ls1.scale"], state[f"{prefix}ls2.scale"] = torch.ones(d), torch.ones(d)  # not shared
     if not cfg.post_layernorm:  # unused by Llava, but every HF family has one
         state["post_layernorm.weight"], state["post_layernorm.bias"] = torch.ones(d), torch.zeros(d)
     for key, dims in family.batched:

@@ -185,12 +185,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu"
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu", quantize: str | None = None
                        ) -> tuple[VisionLanguageModel | LanguageModel, Tokenizer, Path]:
-    """What `vlmkit chat` and `vlmkit serve` answer with: a vlmkit model or training run directory (its
-    final model), or a Hugging Face language-model directory (text only). Returns the model in eval
-    mode on `device`, its tokenizer and the directory they came from."""
+    """What `vlmkit chat`, `eval`, `profile` and `serve` answer with: a vlmkit model or training run directory
+    (its final model), or a Hugging Face language-model directory (text only). Returns the model in eval
+    mode on `device`, its tokenizer and the directory they came from. `quantize` ("int8") quantizes the
+    LM's linear layers after loading (see models/quantize.py)."""
     from vlmkit.models.checkpoint import resolve_model_dir
+    from vlmkit.models.quantize import quantize_model
 
     model_dir = resolve_model_dir(path)
     if not (model_dir / "config.json").is_file():
@@ -200,6 +202,8 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu"
         model = VisionLanguageModel.from_pretrained(model_dir, device=device)
     else:
         model = load_language_model(model_dir).to(device)
+    if quantize:
+        quantize_model(model, quantize)
     return model.eval(), load_tokenizer(model_dir), model_dir
 
 

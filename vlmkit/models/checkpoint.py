@@ -54,6 +54,9 @@ class Checkpointable:
 
     def write(self, directory: Path, tokenizer=None) -> None:
         """Write the model files into an existing directory (callers make it atomic)."""
+        if getattr(self, "quantization", None):  # set by models.quantize.quantize_model
+            raise ValueError(f"this model is quantized ({self.quantization}) for inference and is not saved: save "
+                             "the float model and quantize it after loading (quantize_model, --quantize)")
         meta = {"format": self.FORMAT, "vlmkit_version": __version__, "model": to_dict(self.config)}
         (Path(directory) / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if lora.has_lora(self):

@@ -145,6 +145,12 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a cache of {self.length} positions to {length}")
+        self.length = length
+
 
 class SlotCache:
     """A KV cache whose rows ("slots") hold independent sequences, each of its own length: the state of
@@ -462,6 +468,7 @@ class LanguageModel(nn.Module):
         logits: bool = True,
         context: LayerContext | None = None,
         segment_ids: torch.Tensor | None = None,
+        num_layers: int | None = None,
     ) -> LMOutput:
         """Run the decoder.
 
@@ -474,7 +481,8 @@ class LanguageModel(nn.Module):
         (IGNORE_INDEX where no loss), the next-token loss is computed on labelled positions only;
         `logits=False` then skips the full-vocabulary projection elsewhere (a large saving when
         most tokens are image or prompt tokens). `context` (from a fusion) reaches every layer; given
-        with a `cache`, the cache keeps it for the later steps, which may then omit it.
+        with a `cache`, the cache keeps it for the later steps, which may then omit it. `num_layers` runs
+        only the first layers, then the final norm (and head): a self-speculative draft of the model.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -497,7 +505,7 @@ class LanguageModel(nn.Module):
             if context is not None:
                 cache.context = context
             context = cache.context
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             x = run_block(self, layer, x, cos, sin, mask, cache, context)
         if cache is not None:
             cache.length += n
@@ -550,42 +558,60 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         context: LayerContext | None = None,
+        speculative: Any = None,
+        prompt_ids: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Generate up to `max_new_tokens` per row; rows are left-padded prompts (ids or embeddings).
 
         Greedy when `temperature` == 0, else temperature + nucleus (top-p) sampling. Returns each
         row's new tokens, cut before the first `eos_token_id`. `context` (a fusion's, e.g. the image)
-        reaches the layers at the prefill and at every decode step.
+        reaches the layers at the prefill and at every decode step. `speculative` (a drafter of
+        models/speculative.py; greedy only) proposes tokens that one forward verifies: the result is
+        plain greedy decoding's. `prompt_ids` [B, L] are the prompt's ids when `inputs_embeds` are given,
+        for drafters that read the text.
         """
-        embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        b, prompt_len, _ = embeds.shape
-        device = embeds.device
-        if attention_mask is None:
-            attention_mask = torch.ones(b, prompt_len, dtype=torch.long, device=device)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-        mask = attention_mask.long()
-        cache = self.new_cache(b, prompt_len + max_new_tokens, dtype=embeds.dtype) if use_cache else None
-        hidden = self(inputs_embeds=embeds, attention_mask=mask, cache=cache, context=context,
-                      logits=False).hidden_states[:, -1]
-        new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            next_token = sample_next(self.lm_head(hidden).float(), temperature, top_p, generator)
-            new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
-            if eos_token_id is not None:
-                done |= next_token == eos_token_id
-                if bool(done.all()):
-                    break
-            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-            step = self.embed_tokens(next_token[:, None])
-            if cache is not None:  # the cache carries the context from the prefill
-                out = self(inputs_embeds=step, attention_mask=mask, cache=cache, logits=False)
-            else:
-                embeds = torch.cat([embeds, step], dim=1)
-                out = self(inputs_embeds=embeds, attention_mask=mask, context=context, logits=False)
-            hidden = out.hidden_states[:, -1]
-        return [_cut_at(row, eos_token_id) for row in new_tokens.tolist()]
+        # Autocast keeps its low-precision copies of the weights only outside inference mode; inside it,
+        # every decode step would cast every weight again (most of a bf16 step's time on SmolLM2-135M).
+        with torch.inference_mode(False), torch.no_grad():
+            embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            b, prompt_len, _ = embeds.shape
+            device = embeds.device
+            if attention_mask is None:
+                attention_mask = torch.ones(b, prompt_len, dtype=torch.long, device=device)
+            if bool((attention_mask[:, -1] == 0).any()):
+                raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+            mask = attention_mask.long()
+            if speculative is not None:
+                if temperature > 0 or not use_cache:
+                    raise ValueError("speculative decoding is greedy and KV-cached: use temperature 0 and use_cache")
+                ids = input_ids if prompt_ids is None else prompt_ids
+                return speculative.generate(self, embeds, mask, ids, max_new_tokens, eos_token_id, context)
+            # The cache holds keys/values in the dtype they are computed in (autocast's when it is on): a wider
+            # cache would only be cast back, whole, at every step.
+            cache = self.new_cache(b, prompt_len + max_new_tokens, dtype=compute_dtype(embeds)) if use_cache else None
+            hidden = self(inputs_embeds=embeds, attention_mask=mask, cache=cache, context=context,
+                          logits=False).hidden_states[:, -1]
+            new_tokens = torch.empty(b, 0, dtype=torch.long, device=device)
+            done = torch.zeros(b, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                next_token = sample_next(self.lm_head(hidden).float(), temperature, top_p, generator)
+                new_tokens = torch.cat([new_tokens, next_token[:, None]], dim=1)
+                if eos_token_id is not None:
+                    done |= next_token == eos_token_id
+                    if bool(done.all()):
+                        break
+                if step == max_new_tokens - 1:
+                    break  # the last token needs no forward of its own
+                mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+                step_embeds = self.embed_tokens(next_token[:, None])
+                if cache is not None:  # the cache carries the context from the prefill
+                    out = self(inputs_embeds=step_embeds, attention_mask=mask, cache=cache, logits=False)
+                else:
+                    embeds = torch.cat([embeds, step_embeds], dim=1)
+                    out = self(inputs_embeds=embeds, attention_mask=mask, context=context, logits=False)
+                hidden = out.hidden_states[:, -1]
+            return [cut_at(row, eos_token_id) for row in new_tokens.tolist()]
+
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -603,5 +629,5 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cut_at(tokens: list[int], eos: int | None) -> list[int]:
+def cut_at(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens

@@ -293,7 +293,7 @@ class VisionLanguageModel(Checkpointable, nn.Module):
         """Generate from left-padded prompts with images fused in (from `pixel_values` (+ `image_sizes` for
         AnyRes), or `image_embeds` already encoded; `image_frames` as in `fuse`); the fusion's layer context
         reaches every decode step. `kwargs` as `LanguageModel.generate` (max_new_tokens, eos_token_id,
-        temperature, top_p, generator, use_cache)."""
+        temperature, top_p, generator, use_cache, speculative)."""
         fused = self.fuse(input_ids, pixel_values, image_counts, image_embeds, image_sizes, image_frames)
         return self.lm.generate(inputs_embeds=fused.inputs_embeds, attention_mask=attention_mask,
-                                context=fused.context, **kwargs)
+                                context=fused.context, prompt_ids=input_ids, **kwargs)
