@@ -23,7 +23,7 @@ weights, then int8 weight-only quantization and speculative decoding.
 
 Tokens/s = batch x new tokens / wall time of a whole generate call (prefill included). Candidates run
 round-robin and report medians: the machine may be shared, so read the ratios. `--json OUT` keeps it all.
-The whole run took 8 minutes on 2 shared CPU cores; `--sections` runs fewer.
+The whole run took 9 minutes on 2 shared CPU cores; `--sections` runs fewer.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ from vlmkit.hf.pretrained import load_language_model, load_tokenizer  # noqa: E4
 from vlmkit.models.quantize import quantize_model, quantized_bytes  # noqa: E402
 from vlmkit.models.speculative import parse_speculative  # noqa: E402
 from vlmkit.models.vlm import VisionLanguageModel, resolve_model_dir  # noqa: E402
+from vlmkit.train.config import read_yaml  # noqa: E402
 
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "vlmkit" / "recipes" / "demo.yaml"
 DEFAULT_LM = Path(os.environ.get("VLMKIT_CACHE", Path.home() / ".cache" / "vlmkit")) / "models" / "smollm2"
 CHAT = ["What is the capital of France?", "Give me three tips for staying healthy.",
         "Explain in two sentences why the sky is blue.", "Write a haiku about autumn leaves.",
@@ -156,9 +158,9 @@ def demo_like_config(demo_dir: Path | None, vocab_size: int, image_token_id: int
     """The demo model's sizes with what Llava can express: patchify stem, mlp2x_gelu, raw features."""
     if demo_dir is not None:
         data = to_dict(VisionLanguageModel.from_pretrained(demo_dir).config)
-    else:
-        from train_throughput import demo_model_config
-        data = to_dict(demo_model_config("mlp2x_gelu"))
+    else:  # the demo recipe's sizes
+        data = to_dict(ModelConfig.from_dict({**read_yaml(DEMO_RECIPE)["model"], "lm": {
+            **read_yaml(DEMO_RECIPE)["model"]["lm"], "vocab_size": vocab_size}, "image_token_id": image_token_id}))
     data["vision"].update(stem="patchify", feature_norm=False)
     data["connector"] = {"name": "mlp2x_gelu"}
     data["lm"]["vocab_size"], data["image_token_id"] = vocab_size, image_token_id

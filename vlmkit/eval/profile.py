@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmkit.budget import format_bytes, kv_cache_bytes
 from vlmkit.data.images import load_image
 from vlmkit.data.processor import VLMProcessor
 from vlmkit.device import autocast
@@ -140,7 +141,8 @@ def profile_latency(model: nn.Module, processor: VLMProcessor, prompt: str, imag
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """KV-cache bytes one position of one sequence takes: keys and values of every layer."""
     cfg = (model.lm if isinstance(model, VisionLanguageModel) else model).config
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+    bytes_per_value = torch.empty(0, dtype=dtype).element_size()
+    return kv_cache_bytes(1, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, bytes_per_value)
 
 
 def image_costs(model: nn.Module, dtype: torch.dtype, sizes: Sequence[int] | None = None, text_tokens: int = 0,
@@ -174,14 +176,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}" if seconds == seconds else "-"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The latency table (ms, median / min per batch size) and the image-cost table."""
     runs = report["latency"]
@@ -197,10 +191,10 @@ def markdown(report: dict[str, Any]) -> str:
     costs = report["image_costs"]
     dtype = report["kv_dtype"]
     image = "" if costs and costs[0]["image_size"] is None else " + image"
-    lines += ["", f"KV cache: {_size(report['kv_bytes_per_token'])} per token ({dtype}); a request = "
+    lines += ["", f"KV cache: {format_bytes(report['kv_bytes_per_token'])} per token ({dtype}); a request = "
                   f"{report['text_tokens']} text{image} + {report['max_new_tokens']} new tokens, batch 1", ""]
     if not image:  # a language model: no image sizes
-        lines.append(f"KV cache of the request: {_size(costs[0]['kv_bytes_request'])}")
+        lines.append(f"KV cache of the request: {format_bytes(costs[0]['kv_bytes_request'])}")
         return "\n".join(lines)
     lines += ["| image size | connector tokens | placeholders | KV bytes, image | KV bytes, request |",
               "|---:|---:|---:|---:|---:|"]
@@ -209,5 +203,5 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {row['image_size']} | not supported: {row['error']} | | | |")
         else:
             lines.append(f"| {row['image_size']} | {row['connector_tokens']} | {row['placeholders']} | "
-                         f"{_size(row['kv_bytes_image'])} | {_size(row['kv_bytes_request'])} |")
+                         f"{format_bytes(row['kv_bytes_image'])} | {format_bytes(row['kv_bytes_request'])} |")
     return "\n".join(lines)

@@ -138,7 +138,7 @@ class NGramDrafter(Drafter):
 
     name = "ngram"
 
-    def __init__(self, tokens: int = 5, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, tokens: int = 3, max_ngram: int = 3, min_ngram: int = 1):
         super().__init__(tokens)
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram}, max_ngram={max_ngram}")
